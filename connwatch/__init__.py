@@ -1,0 +1,80 @@
+"""connwatch: live network clients per call site, from inside the process.
+
+    import connwatch
+    connwatch.enable()
+    ...
+    snap = connwatch.snapshot()
+    for stat in snap.statistics("callsite")[:10]:
+        print(stat.live, stat.label(), stat.site)
+
+Set ``CONNWATCH_ENABLED=1`` to load the agent in every Python process of the environment
+with no code change. Nothing here imports a third-party package.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ._callsite import CallSite
+from ._snapshot import Snapshot, SnapshotError, Statistic, StatisticDiff
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CallSite",
+    "ClientCapExceeded",
+    "Snapshot",
+    "SnapshotError",
+    "Statistic",
+    "StatisticDiff",
+    "__version__",
+    "disable",
+    "enable",
+    "is_enabled",
+    "snapshot",
+    "snapshot_path",
+]
+
+
+def enable(**overrides: object) -> bool:
+    """Start the agent in this process (a no-op when it already runs).
+
+    Keyword arguments override the ``CONNWATCH_*`` environment settings (``dir``,
+    ``snapshot_interval``, ``exporter``, ``cap``, ``cap_per_callsite``, ``cap_per_upstream``,
+    ``cap_mode``, ``disabled_patches``, ``library_paths``, ``app_paths``,
+    ``traceback_depth``, ``span_events``, ``service``). Returns whether the agent runs.
+    """
+    from . import bootstrap
+
+    return bootstrap.start(**overrides)
+
+
+def disable() -> None:
+    """Stop the agent: restore every patched original and forget all counts."""
+    from . import bootstrap
+
+    bootstrap.stop()
+
+
+def is_enabled() -> bool:
+    """Whether the agent runs in this process."""
+    from . import bootstrap
+
+    return bootstrap.is_enabled()
+
+
+def snapshot() -> Snapshot:
+    """Take a snapshot of the live clients now (cost grows with call sites, not clients)."""
+    from . import _snapshot
+
+    return _snapshot.take()
+
+
+def snapshot_path() -> Optional[str]:
+    """The snapshot file this process writes, or None when the agent or its files are off."""
+    from . import bootstrap
+
+    return bootstrap.snapshot_path()
+
+
+from ._limits import ClientCapExceeded  # noqa: E402

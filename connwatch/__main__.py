@@ -1,0 +1,7 @@
+"""``python -m connwatch``: the same as the ``connwatch`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

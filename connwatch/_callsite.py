@@ -1,0 +1,204 @@
+"""Call-site attribution: the first frame of the user's own code.
+
+The walk starts a fixed number of frames above the wrapper, follows ``f_back`` and classifies
+each frame's ``co_filename`` once (a dict lookup afterwards). It stops at the first user frame,
+so its cost is the number of library frames between the constructor and the app, not the
+stack depth. Each (file, line) gets one interned CallSite, whose traceback is captured the
+first time it is seen and never again.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Dict, Optional, Tuple
+
+Frame = Tuple[str, int, str]  # (file, line, function)
+
+USER = 0
+STDLIB = 1  # stdlib, frozen modules, connwatch itself
+THIRD_PARTY = 2  # site-packages / dist-packages
+AGENT = 3  # connwatch's own exporters: what they create is never counted
+
+OVERFLOW_FILE = "_other"
+
+
+def _frozen(**kw: bool):  # type: ignore[no-untyped-def]
+    if sys.version_info >= (3, 10):
+        return dataclass(frozen=True, slots=True, **kw)
+    return dataclass(frozen=True, **kw)  # pragma: no cover - Python 3.9
+
+
+@_frozen()
+class CallSite:
+    """Where clients were created: the first user frame (file, line, function)."""
+
+    file: str
+    line: int
+    function: str
+    library: bool = False
+    traceback: Tuple[Frame, ...] = field(default=(), compare=False, hash=False, repr=False)
+
+    def format(self) -> str:
+        """``file:line (function)``, the form reports and errors use."""
+        return f"{self.file}:{self.line} ({self.function})"
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _norm(path: str) -> str:
+    return os.path.normcase(os.path.abspath(path))
+
+
+_STDLIB_DIRS = tuple(
+    sorted(
+        {
+            _norm(os.path.dirname(os.__file__)) + os.sep,
+            _norm(os.path.dirname(threading.__file__)) + os.sep,
+        }
+    )
+)
+_OWN_DIR = _norm(os.path.dirname(__file__)) + os.sep
+_AGENT_DIR = _OWN_DIR + "exporters" + os.sep
+_THREADING_FILE = threading.__file__
+_NAME_ATTR = "co_qualname" if sys.version_info >= (3, 11) else "co_name"
+
+
+class _State:
+    """Module state, replaced whole by configure() so readers never see a half-update."""
+
+    __slots__ = ("library_globs", "app_globs", "depth", "max_sites")
+
+    def __init__(self, library_globs: Tuple[str, ...] = (), app_globs: Tuple[str, ...] = (),
+                 depth: int = 16, max_sites: int = 10_000) -> None:
+        self.library_globs = library_globs
+        self.app_globs = app_globs
+        self.depth = depth
+        self.max_sites = max_sites
+
+
+_state = _State()
+# co_filename -> USER / STDLIB / THIRD_PARTY. Filled lazily; dict get/set are atomic under the GIL.
+_kinds: Dict[str, int] = {}
+# (co_filename, line) -> interned CallSite
+_sites: Dict[Tuple[str, int], CallSite] = {}
+_overflow = CallSite(OVERFLOW_FILE, 0, OVERFLOW_FILE, False, ())
+# Threads the agent runs (exporters, and the SDK threads they start): a stack with no user
+# frame on one of these threads is the agent's own work and is not counted.
+_agent_threads: set = set()
+
+
+def register_agent_thread(ident: Optional[int] = None) -> None:
+    """Mark a thread (default: the current one) as the agent's own."""
+    _agent_threads.add(threading.get_ident() if ident is None else ident)
+
+
+def unregister_agent_thread(ident: Optional[int] = None) -> None:
+    """Forget a thread registered with :func:`register_agent_thread`."""
+    _agent_threads.discard(threading.get_ident() if ident is None else ident)
+
+
+def configure(library_paths: Tuple[str, ...] = (), app_paths: Tuple[str, ...] = (),
+              traceback_depth: int = 16, max_sites: int = 10_000) -> None:
+    """Set the path overrides and traceback depth; clears the classification cache."""
+    global _state
+    _state = _State(tuple(library_paths), tuple(app_paths), traceback_depth, max_sites)
+    _kinds.clear()
+    _sites.clear()
+
+
+def classify(filename: str) -> int:
+    """USER, STDLIB or THIRD_PARTY for a code object's filename (cached)."""
+    kind = _kinds.get(filename)
+    if kind is None:
+        kind = _classify(filename)
+        _kinds[filename] = kind
+    return kind
+
+
+def _classify(filename: str) -> int:
+    st = _state
+    if filename.startswith("<"):
+        # "<frozen importlib._bootstrap>" is the import system; "<string>", "<stdin>" are user code.
+        return STDLIB if filename.startswith("<frozen") else USER
+    path = _norm(filename)
+    if st.app_globs and any(fnmatch.fnmatch(path, g) or fnmatch.fnmatch(filename, g) for g in st.app_globs):
+        return USER
+    if st.library_globs and any(
+        fnmatch.fnmatch(path, g) or fnmatch.fnmatch(filename, g) for g in st.library_globs
+    ):
+        return THIRD_PARTY
+    if path.startswith(_OWN_DIR):
+        return AGENT if path.startswith(_AGENT_DIR) else STDLIB
+    sep = os.sep
+    if f"{sep}site-packages{sep}" in path or f"{sep}dist-packages{sep}" in path:
+        return THIRD_PARTY
+    if path.startswith(_STDLIB_DIRS):
+        return STDLIB
+    return USER
+
+
+def find(depth: int = 2) -> Optional[CallSite]:
+    """The call site of whoever called the code ``depth`` frames above this function.
+
+    None when the object is the agent's own (an exporter frame on the stack, or an agent
+    thread with no user frame): such objects are not tracked.
+    """
+    try:
+        f: Optional[FrameType] = sys._getframe(depth)
+    except ValueError:
+        return _overflow
+    kinds = _kinds
+    outer: Optional[FrameType] = None
+    outer_third: Optional[FrameType] = None
+    while f is not None:
+        fn = f.f_code.co_filename
+        kind = kinds.get(fn)
+        if kind is None:
+            kind = classify(fn)
+        if kind == USER:
+            site = _sites.get((fn, f.f_lineno))
+            return site if site is not None else _new_site(f, False)
+        if kind == AGENT:
+            return None
+        if fn != _THREADING_FILE:
+            outer = f
+        if kind == THIRD_PARTY:
+            outer_third = f
+        f = f.f_back
+    # No user frame (a library's own thread, say): blame the outermost third-party frame,
+    # the library's entry point; with none, the outermost frame outside threading.py (the
+    # thread's target), since threading's bootstrap frames would name nothing.
+    if _agent_threads and threading.get_ident() in _agent_threads:
+        return None
+    frame = outer_third or outer
+    if frame is None:  # pragma: no cover - there is always a frame
+        return _overflow
+    site = _sites.get((frame.f_code.co_filename, frame.f_lineno))
+    return site if site is not None and site.library else _new_site(frame, True)
+
+
+def _new_site(frame: FrameType, library: bool) -> CallSite:
+    code = frame.f_code
+    key = (code.co_filename, frame.f_lineno)
+    if len(_sites) >= _state.max_sites:
+        return _overflow
+    tb = []
+    f: Optional[FrameType] = frame
+    while f is not None and len(tb) < _state.depth:
+        c = f.f_code
+        tb.append((c.co_filename, f.f_lineno, getattr(c, _NAME_ATTR)))
+        f = f.f_back
+    site = CallSite(code.co_filename, key[1], getattr(code, _NAME_ATTR), library, tuple(tb))
+    # setdefault: two threads meeting a new site at once agree on one object.
+    return _sites.setdefault(key, site)
+
+
+def overflow() -> CallSite:
+    """The shared site used once the number of distinct sites reaches its bound."""
+    return _overflow

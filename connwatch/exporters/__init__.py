@@ -1,0 +1,1 @@
+"""Exporters: where snapshots and metrics go (snapshot files, OTLP, Prometheus, console)."""

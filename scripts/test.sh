@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Sets up everything the tests need on a fresh machine and runs them all:
+# a venv (.venv), the project installed from source with its test extras, lint and types,
+# then pytest. Extra arguments go to pytest (e.g. scripts/test.sh -k socket).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q ".[test]"
+# A real (non-editable) install, rebuilt every run: subprocess tests need the wheel's
+# connwatch.pth in site-packages, and must run this checkout's code.
+.venv/bin/python -m pip install -q --no-deps --force-reinstall .
+
+echo "== ruff"; .venv/bin/ruff check connwatch tests examples benchmarks sitecustomize_example
+echo "== mypy"; .venv/bin/mypy
+echo "== pytest"; .venv/bin/python -m pytest "$@"
