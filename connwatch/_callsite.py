@@ -27,13 +27,11 @@ AGENT = 3  # connwatch's own exporters: what they create is never counted
 OVERFLOW_FILE = "_other"
 
 
-def _frozen(**kw: bool):  # type: ignore[no-untyped-def]
-    if sys.version_info >= (3, 10):
-        return dataclass(frozen=True, slots=True, **kw)
-    return dataclass(frozen=True, **kw)  # pragma: no cover - Python 3.9
+# slots=True where the Python version allows it (3.10+).
+SLOTS: dict = {"slots": True} if sys.version_info >= (3, 10) else {}
 
 
-@_frozen()
+@dataclass(frozen=True, **SLOTS)
 class CallSite:
     """Where clients were created: the first user frame (file, line, function)."""
 
@@ -72,7 +70,7 @@ _NAME_ATTR = "co_qualname" if sys.version_info >= (3, 11) else "co_name"
 class _State:
     """Module state, replaced whole by configure() so readers never see a half-update."""
 
-    __slots__ = ("library_globs", "app_globs", "depth", "max_sites")
+    __slots__ = ("app_globs", "depth", "library_globs", "max_sites")
 
     def __init__(self, library_globs: Tuple[str, ...] = (), app_globs: Tuple[str, ...] = (),
                  depth: int = 16, max_sites: int = 10_000) -> None:
@@ -188,7 +186,7 @@ def _new_site(frame: FrameType, library: bool) -> CallSite:
     key = (code.co_filename, frame.f_lineno)
     if len(_sites) >= _state.max_sites:
         return _overflow
-    tb = []
+    tb: list = []
     f: Optional[FrameType] = frame
     while f is not None and len(tb) < _state.depth:
         c = f.f_code

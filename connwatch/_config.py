@@ -210,11 +210,11 @@ _PARSERS: dict[str, tuple[str, Callable[[object, Mapping[str, str]], Any]]] = {
 _ALIASES = {"exporter": "exporters"}
 
 
-def load(environ: Mapping[str, str] | None = None, **overrides: object) -> Config:
+def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, object] | None = None) -> Config:
     """Build the Config from ``environ`` (default ``os.environ``) and keyword overrides."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    for key, raw in overrides.items():
+    for key, raw in (overrides or {}).items():
         key = _ALIASES.get(key, key)
         if key not in _PARSERS:
             _log.warn_once("config-kw:" + key, "enable() got an unknown setting %r; ignored", key)

@@ -55,7 +55,7 @@ def _rebuild(message: str, kind: str, limit_name: str, limit: int, current: int,
 
 
 class _Policy:
-    __slots__ = ("cap", "per_callsite", "per_upstream", "mode")
+    __slots__ = ("cap", "mode", "per_callsite", "per_upstream")
 
     def __init__(self, cap: Optional[int], per_callsite: Optional[int], per_upstream: Optional[int],
                  mode: str) -> None:

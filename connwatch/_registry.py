@@ -29,8 +29,8 @@ _monotonic = time.monotonic
 
 
 class _Ref(weakref.ref):  # type: ignore[type-arg]
-    __slots__ = ("stat", "born", "oid", "upstream")
-    stat: Optional["_Stat"]
+    __slots__ = ("born", "oid", "stat", "upstream")
+    stat: Optional[_Stat]
     born: float
     oid: int
     upstream: Optional[str]
@@ -39,7 +39,7 @@ class _Ref(weakref.ref):  # type: ignore[type-arg]
 class _Stat:
     """Counts for one (kind, role, call site)."""
 
-    __slots__ = ("kind", "role", "site", "refs", "created", "gc_released", "upstreams")
+    __slots__ = ("created", "gc_released", "kind", "refs", "role", "site", "upstreams")
 
     def __init__(self, kind: str, role: Optional[str], site: CallSite) -> None:
         self.kind = kind
@@ -71,6 +71,10 @@ _res_total = [0]
 _res_site: Dict[int, int] = {}
 _res_up: Dict[str, int] = {}
 Reservation = Tuple[CallSite, Optional[str]]
+
+# Optional observer of creations (span events): called after a track with
+# (obj, kind, site, upstream), outside the lock; its errors are swallowed.
+on_track: Optional[Any] = None
 
 _TRACK, _RELEASE, _GC, _ROLE, _TRANSFER, _NOOP, _UNRESERVE = range(7)
 
@@ -242,6 +246,14 @@ def track(obj: object, kind: str, site: CallSite, role: Optional[str] = None,
     ref.born = _monotonic()
     ref.upstream = None
     _run((_TRACK, ref, kind, role, site, upstream, True, reservation))
+    hook = on_track
+    if hook is not None:
+        try:
+            hook(obj, kind, site, upstream)
+        except Exception:
+            from . import _log
+
+            _log.internal_error("on_track hook")
 
 
 def release(obj: object) -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from . import _fds, _registry
-from ._callsite import CallSite, Frame, _frozen
+from ._callsite import SLOTS, CallSite, Frame
 
 SCHEMA = "connwatch.snapshot/1"
 SCHEMA_PREFIX = "connwatch.snapshot/"
@@ -28,7 +28,7 @@ class SnapshotError(ValueError):
     """A snapshot file that cannot be read: missing, truncated, corrupt or foreign."""
 
 
-@_frozen()
+@dataclass(frozen=True, **SLOTS)
 class Statistic:
     """Counts for one group of a snapshot (a call site and kind, a kind, or an upstream)."""
 
@@ -48,7 +48,7 @@ class Statistic:
         return f"{self.kind}/{self.role}" if self.role else self.kind
 
 
-@_frozen()
+@dataclass(frozen=True, **SLOTS)
 class StatisticDiff:
     """The change of one call site (and kind) between two snapshots."""
 
@@ -145,7 +145,7 @@ class Snapshot:
             ]
         return sorted(out, key=_sort_key)
 
-    def compare_to(self, old: "Snapshot", group_by: str = "callsite") -> List[StatisticDiff]:
+    def compare_to(self, old: Snapshot, group_by: str = "callsite") -> List[StatisticDiff]:
         """Per-group differences from ``old`` to this snapshot, largest live change first."""
         def key(s: Statistic) -> Tuple[Any, ...]:
             site = s.site
@@ -208,7 +208,7 @@ class Snapshot:
         write_atomic(path, self.dumps().encode("utf-8"))
 
     @classmethod
-    def load(cls, path: str) -> "Snapshot":
+    def load(cls, path: str) -> Snapshot:
         """Read a snapshot file; raises SnapshotError with a clear reason when it cannot."""
         return from_dict(read_json(path), source=path)
 
@@ -273,9 +273,9 @@ def _is_regular(mode: int) -> bool:
 
 def _need(data: Mapping[str, Any], key: str, types: Any, source: str) -> Any:
     value = data.get(key)
-    if not isinstance(value, types) or isinstance(value, bool) and bool not in (
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in (
         types if isinstance(types, tuple) else (types,)
-    ):
+    )):
         raise SnapshotError(f"{source}: not a valid connwatch snapshot (bad or missing {key!r})")
     return value
 

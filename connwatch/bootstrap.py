@@ -57,7 +57,7 @@ def start(**overrides: object) -> bool:
 
 
 def _start(overrides: dict[str, object]) -> None:
-    cfg = _config.load(**overrides)
+    cfg = _config.load(None, overrides)
     _State.config = cfg
     _callsite.configure(cfg.library_paths, cfg.app_paths, cfg.traceback_depth)
     _snapshot.set_process(service=cfg.service, started=time.time())
@@ -71,6 +71,11 @@ def _start(overrides: dict[str, object]) -> None:
     _State.writer = _make_writer(cfg)
     if _State.writer is not None:
         _State.writer.start()
+    if cfg.exporters:
+        # Metric exporters import heavy packages: exporters.start must do that off this thread.
+        from . import exporters
+
+        exporters.start(cfg)
     if not _State.fork_registered:
         _forksafe.register(before=_registry._before_fork, parent=_registry._after_fork_parent,
                            child=_after_fork_child)
@@ -121,6 +126,9 @@ def _stop(final_write: bool) -> None:
     writer, _State.writer = _State.writer, None
     if writer is not None:
         writer.stop(final_write=final_write)
+    from . import exporters
+
+    exporters.stop()
     _State.enabled = False
     _registry.clear()
 
@@ -130,6 +138,10 @@ def _at_exit() -> None:
         writer = _State.writer
         if _State.enabled and writer is not None:
             writer.stop(final_write=True)
+        if _State.enabled:
+            from . import exporters
+
+            exporters.stop()
     except Exception:
         pass
 
@@ -142,6 +154,10 @@ def _after_fork_child() -> None:
     writer = _State.writer
     if _State.enabled and writer is not None:
         writer.after_fork_child()
+    if _State.enabled:
+        from . import exporters
+
+        exporters.after_fork_child()
 
 
 def snapshot_path() -> Optional[str]:

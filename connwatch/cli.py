@@ -159,7 +159,8 @@ def format_report(snap: Snapshot, top: int = 10, now: Optional[float] = None, pa
     cap = snap.cap or {}
     limits = [f"{k}={cap[k]}" for k in ("limit", "per_callsite", "per_upstream") if cap.get(k) is not None]
     if limits or cap.get("exceeded"):
-        out.append(f"  cap: {', '.join(limits) or 'none'} mode={cap.get('mode', 'warn')} exceeded={cap.get('exceeded', 0)}")
+        mode, hits = cap.get("mode", "warn"), cap.get("exceeded", 0)
+        out.append(f"  cap: {', '.join(limits) or 'none'} mode={mode} exceeded={hits}")
     stats = snap.statistics("callsite")
     if not stats:
         out.append("  no clients tracked yet")

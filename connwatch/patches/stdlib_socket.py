@@ -234,7 +234,8 @@ def patch(module: Any = socket) -> None:
     wrappers = _make_wrappers()
     for owner, name in _TARGETS:
         # Remember what the owner itself had (connect is inherited from _socket.socket).
-        _originals[(id(owner), name)] = owner.__dict__.get(name, _MISSING) if isinstance(owner, type) else getattr(owner, name)
+        own = owner.__dict__.get(name, _MISSING) if isinstance(owner, type) else getattr(owner, name)
+        _originals[(id(owner), name)] = own
     for owner, name in _TARGETS:
         setattr(owner, name, wrappers[name])
         wrappers[name].__connwatch_patch__ = True
