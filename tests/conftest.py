@@ -35,8 +35,8 @@ def run_py(args: List[str], env: Optional[Dict[str, str]] = None, timeout: float
 class Server:
     """A real server in its own process on loopback."""
 
-    def __init__(self, kind: str, host: str = "127.0.0.1") -> None:
-        self.proc = subprocess.Popen([sys.executable, str(TESTS / "servers.py"), kind, host],
+    def __init__(self, kind: str, host: str = "127.0.0.1", *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(TESTS / "servers.py"), kind, host, *args],
                                      stdout=subprocess.PIPE, text=True, env=clean_env())
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()

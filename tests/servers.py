@@ -2,6 +2,7 @@
 
     python tests/servers.py tcp     -> prints the port; accepts and echoes until killed
     python tests/servers.py http    -> prints the port; HTTP/1.1 keep-alive server
+    python tests/servers.py tls HOST CERT KEY -> prints the port; TLS echo server
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import http.server
 import os
 import socketserver
+import ssl
 import sys
 
 
@@ -58,8 +60,14 @@ def main() -> None:
     kind = sys.argv[1]
     host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
     server: socketserver.TCPServer
-    if kind == "tcp":
+    if kind in ("tcp", "tls"):
+        if ":" in host:
+            _TCP.address_family = __import__("socket").AF_INET6
         server = _TCP((host, 0), _Echo)
+        if kind == "tls":
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(sys.argv[3], sys.argv[4])
+            server.socket = ctx.wrap_socket(server.socket, server_side=True)
     elif kind == "http":
         server = _HTTP((host, 0), _Http)
     else:

@@ -1,0 +1,58 @@
+"""The core is stdlib-only, and the disabled hook imports nothing of ours."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tests.conftest import run_py
+
+CORE = ["connwatch", "connwatch._callsite", "connwatch._registry", "connwatch._snapshot",
+        "connwatch._limits", "connwatch._config", "connwatch._forksafe", "connwatch._fds",
+        "connwatch._log", "connwatch._importhook", "connwatch.bootstrap"]
+STDLIB = set(sys.stdlib_module_names)
+
+
+def test_core_imports_no_third_party_package() -> None:
+    code = (
+        "import sys, json\n"
+        "before = set(sys.modules)\n"
+        f"for m in {CORE!r}: __import__(m)\n"
+        "print(json.dumps(sorted(set(sys.modules) - before)))\n"
+    )
+    proc = run_py(["-c", code])
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads(proc.stdout)
+    assert "connwatch._registry" in loaded
+    third = sorted({m.split(".")[0] for m in loaded} - STDLIB - {"connwatch"})
+    assert third == [], f"core imported third-party packages: {third}"
+
+
+def test_enabled_agent_start_imports_no_third_party_package(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    code = (
+        "import sys, json, socket\n"
+        "s = socket.socket()\n"
+        "import connwatch\n"
+        "assert connwatch.is_enabled()\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    base = run_py(["-c", code.replace("assert connwatch", "assert not connwatch")])
+    assert base.returncode == 0, base.stderr
+    proc = run_py(["-c", code], CONNWATCH_ENABLED="1", CONNWATCH_DIR=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    added = set(json.loads(proc.stdout)) - set(json.loads(base.stdout))
+    third = sorted({m.split(".")[0] for m in added} - STDLIB - {"connwatch"})
+    assert third == [], f"agent start-up imported {third}"
+
+
+def test_disabled_hook_loads_nothing_and_patches_nothing() -> None:
+    code = (
+        "import sys, socket, json\n"
+        "print(json.dumps([any(m.startswith('connwatch') for m in sys.modules),\n"
+        "                  getattr(socket.socket.__init__, '__connwatch_patch__', False)]))\n"
+    )
+    for value in ("", "0", "false", "no", "garbage"):
+        proc = run_py(["-c", code], CONNWATCH_ENABLED=value)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == [False, False], value
+        assert proc.stderr == ""
