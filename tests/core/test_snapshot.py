@@ -1,0 +1,175 @@
+"""Snapshots: statistics, comparison, the JSON file (schema, atomic, 0600), the periodic
+writer thread, and `connwatch report` on files written by real runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+
+from connwatch import Snapshot, SnapshotError
+from tests.conftest import SCHEMA, Server, run_py
+from tests.core.test_autoload import LEAK_LINE, LEAKY
+
+F = __file__
+
+
+def here() -> int:
+    return sys._getframe(1).f_lineno
+
+
+def validate(data: Dict[str, Any]) -> None:
+    __import__("jsonschema").validate(data, json.loads(SCHEMA.read_text()))
+
+
+def test_statistics_groupings(agent: Any, tcp_server: Server) -> None:
+    clients = [socket.create_connection(tcp_server.address, timeout=5) for _ in range(3)]
+    a, b = socket.socketpair()
+    snap = agent.snapshot()
+    kinds = {s.kind: s.live for s in snap.statistics("kind")}
+    assert kinds == {"socket": 5}
+    ups = {s.upstream: s.live for s in snap.statistics("upstream")}
+    assert ups == {tcp_server.upstream: 3}
+    by_site = snap.statistics("callsite")
+    assert [s.live for s in by_site] == sorted((s.live for s in by_site), reverse=True)
+    with pytest.raises(ValueError):
+        snap.statistics("colour")
+    for s in (*clients, a, b):
+        s.close()
+
+
+def test_compare_to(agent: Any, tcp_server: Server) -> None:
+    line = here() + 2
+    def open_one() -> socket.socket:
+        return socket.create_connection(tcp_server.address, timeout=5)
+    first = [open_one() for _ in range(2)]
+    old = agent.snapshot()
+    more = [open_one() for _ in range(3)]
+    first[0].close()
+    new = agent.snapshot()
+    (diff,) = [d for d in new.compare_to(old) if d.site and d.site.line == line]
+    assert (diff.live, diff.live_diff, diff.created_diff, diff.closed_diff) == (4, 2, 3, 1)
+    for s in first[1:] + more:
+        s.close()
+
+
+def test_dump_and_load_round_trip(agent: Any, tmp_path: Path, tcp_server: Server) -> None:
+    keep = [socket.create_connection(tcp_server.address, timeout=5) for _ in range(2)]
+    snap = agent.snapshot()
+    (tmp_path / "dump").mkdir()
+    path = tmp_path / "dump" / "out.json"
+    snap.dump(str(path))
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert [p.name for p in path.parent.iterdir()] == ["out.json"], "no temp file left behind"
+    data = json.loads(path.read_text())
+    validate(data)
+    back = Snapshot.load(str(path))
+    assert back.live == snap.live == 2
+    assert [(s.kind, s.role, s.site, s.live, s.created, s.upstreams) for s in back.statistics()] == \
+           [(s.kind, s.role, s.site, s.live, s.created, s.upstreams) for s in snap.statistics()]
+    assert back.statistics()[0].site.traceback == snap.statistics()[0].site.traceback
+    for s in keep:
+        s.close()
+
+
+@pytest.mark.parametrize("content,reason", [
+    (None, "no such snapshot file"),
+    ("", "empty file"),
+    ('{"schema": "connwatch.snapshot/1", "pid": 1, "ti', "corrupt or truncated"),
+    ("[1, 2]", "not a connwatch snapshot"),
+    ('{"hello": "world"}', "not a connwatch snapshot"),
+    ('{"schema": "connwatch.snapshot/9", "pid": 1}', "newer than this connwatch reads"),
+    ('{"schema": "connwatch.snapshot/1", "pid": "x", "time": 1, "fds": {}, "totals": {}, "callsites": []}',
+     "bad or missing 'pid'"),
+    ('{"schema": "connwatch.snapshot/1", "pid": 1, "time": 1, "fds": {}, "totals": {}, "callsites": [{}]}',
+     "bad call site row"),
+    ("\xff\xfe garbage", "corrupt"),
+])
+def test_load_refuses_bad_files_clearly(tmp_path: Path, content: Any, reason: str) -> None:
+    path = tmp_path / "snap.json"
+    if content is not None:
+        path.write_bytes(content.encode("latin-1"))
+    with pytest.raises(SnapshotError, match=reason):
+        Snapshot.load(str(path))
+
+
+def test_periodic_writer_thread(tmp_path: Path, tcp_server: Server) -> None:
+    import connwatch
+
+    folder = tmp_path / "snaps"
+    assert connwatch.enable(dir=str(folder), snapshot_interval=0.1)
+    try:
+        assert any(t.name == "connwatch-snapshot" and t.daemon for t in threading.enumerate())
+        path = Path(connwatch.snapshot_path() or "")
+        assert path.parent == folder and path.name == f"{socket.gethostname()}-{os.getpid()}.json"
+        c = socket.create_connection(tcp_server.address, timeout=5)
+        deadline = time.monotonic() + 10
+        seen = set()
+        while time.monotonic() < deadline and len(seen) < 3:
+            if path.exists():
+                data = json.loads(path.read_text())
+                seen.add(data["time"])
+            time.sleep(0.05)
+        assert len(seen) >= 3, "the file is rewritten periodically"
+        assert data["totals"]["live"] >= 1
+        assert oct(folder.stat().st_mode & 0o777) == "0o700"
+        c.close()
+    finally:
+        connwatch.disable()
+    assert not any(t.name == "connwatch-snapshot" for t in threading.enumerate())
+    final = json.loads(path.read_text())
+    assert final["final"] is True and final["totals"]["live"] == 0
+
+
+@pytest.fixture
+def leaky_run(tmp_path: Path) -> Path:
+    script = tmp_path / "app.py"
+    script.write_text(LEAKY)
+    out = tmp_path / "snap"
+    proc = run_py([str(script)], CONNWATCH_ENABLED="1", CONNWATCH_DIR=str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_report_names_the_leaking_line(leaky_run: Path) -> None:
+    proc = run_py(["-m", "connwatch", "report", str(leaky_run)])
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"app.py:{LEAK_LINE} (handler)" in out
+    assert "socket/client" in out and "traceback (most recent call last)" in out
+    assert "fds: " in out and " open of " in out
+    first_row = next(line for line in out.splitlines() if "socket/" in line)
+    assert first_row.split()[0] == "7", "sorted by live count, the leak first"
+
+
+def test_report_json_top_and_pid(leaky_run: Path) -> None:
+    (path,) = leaky_run.glob("*.json")
+    proc = run_py(["-m", "connwatch", "report", str(path), "--json"])
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout) == json.loads(path.read_text())
+    proc = run_py(["-m", "connwatch", "report", str(path), "--top", "1"])
+    assert "more call sites" in proc.stdout
+    pid = json.loads(path.read_text())["pid"]
+    proc = run_py(["-m", "connwatch", "report", str(pid)], CONNWATCH_DIR=str(leaky_run))
+    assert proc.returncode == 0 and f"pid {pid}" in proc.stdout
+
+
+def test_report_missing_and_corrupt_files(tmp_path: Path, leaky_run: Path) -> None:
+    proc = run_py(["-m", "connwatch", "report", str(tmp_path / "nope.json")])
+    assert proc.returncode == 2 and "no such snapshot file" in proc.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema": "connwatch.snapshot/1", "pid": 3, "tim')
+    proc = run_py(["-m", "connwatch", "report", str(bad)])
+    assert proc.returncode == 2 and "corrupt or truncated" in proc.stderr
+    (leaky_run / "zz-bad.json").write_text("{")
+    proc = run_py(["-m", "connwatch", "report", str(leaky_run)])
+    assert proc.returncode == 0 and "skipped" in proc.stderr and "handler" in proc.stdout
+    proc = run_py(["-m", "connwatch", "report", "999999999"], CONNWATCH_DIR=str(leaky_run))
+    assert proc.returncode == 2 and "no snapshot file for pid" in proc.stderr
