@@ -3,14 +3,17 @@
 Hazards, and how this module meets them:
 
 * **No strong references.** Each tracked object gets one ``_Ref`` (a slotted ``weakref.ref``)
-  whose callback reports a collection. The registry maps ``id(obj)`` to that ref.
+  whose callback reports a collection. Nothing maps ids to objects: an object's ``_Ref`` is
+  found with ``weakref.getweakrefs(obj)``, so there is no id-reuse hazard and no dict entry
+  per object.
+* **O(1) and small.** The live refs of one (kind, role, site) form a doubly linked list
+  threaded through the refs themselves (``prev``/``next`` slots): insertion at the tail,
+  removal anywhere, the oldest live object at the head. About 150 bytes per live object.
 * **Garbage collection inside our own critical section.** The cyclic GC can run at any
   allocation, and it runs weakref callbacks and ``__del__`` methods (which may close sockets)
   on the current thread. So callbacks never take the lock: they append to ``_deferred``; and
   a re-entrant call from inside a critical section (``_busy`` set by the lock holder) also
   defers its operation. Every locked operation drains ``_deferred`` first, so reads are exact.
-* **id reuse.** A collected object's id can be reused by a new one before its callback is
-  drained: removals check identity (``d.get(oid) is ref``) before deleting.
 * **Fork.** ``before`` takes the lock, both sides release or replace it; the child keeps the
   objects it inherited (it holds them) and restarts its created/closed history from there.
 """
@@ -26,27 +29,31 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 from ._callsite import CallSite
 
 _monotonic = time.monotonic
+_getweakrefs = weakref.getweakrefs
 
 
 class _Ref(weakref.ref):  # type: ignore[type-arg]
-    __slots__ = ("born", "oid", "stat", "upstream")
+    __slots__ = ("born", "next", "prev", "stat", "upstream")
     stat: Optional[_Stat]
     born: float
-    oid: int
     upstream: Optional[str]
+    prev: Optional[_Ref]
+    next: Optional[_Ref]
 
 
 class _Stat:
-    """Counts for one (kind, role, call site)."""
+    """Counts for one (kind, role, call site), and its live refs as a linked list."""
 
-    __slots__ = ("created", "gc_released", "kind", "refs", "role", "site", "upstreams")
+    __slots__ = ("cap", "created", "gc_released", "head", "kind", "live", "role", "site", "tail", "upstreams")
 
     def __init__(self, kind: str, role: Optional[str], site: CallSite) -> None:
         self.kind = kind
         self.role = role
         self.site = site
-        # oid -> ref, in insertion order: the first value is the oldest live object.
-        self.refs: Dict[int, _Ref] = {}
+        self.cap = kind != "socket" or role == "client"  # counts toward caps
+        self.head: Optional[_Ref] = None  # oldest live
+        self.tail: Optional[_Ref] = None  # newest live
+        self.live = 0
         self.created = 0
         self.gc_released = 0
         # upstream -> [live, created]
@@ -56,27 +63,25 @@ class _Stat:
 # Raw record handed to the snapshot: (kind, role, site, live, created, gc_released,
 # oldest_born or None, ((upstream, live, created), ...))
 Record = Tuple[str, Optional[str], CallSite, int, int, int, Optional[float], Tuple[Tuple[str, int, int], ...]]
+Reservation = Tuple[CallSite, Optional[str]]
 
 _lock = threading.RLock()
 _busy = False
 _deferred: Deque[Tuple[Any, ...]] = deque()
-_live: Dict[int, _Ref] = {}
 _stats: Dict[Tuple[str, Optional[str], int], _Stat] = {}
+_totals = [0, 0]  # [live objects, live objects that count toward caps]
 _upstream_live: Dict[str, int] = {}
-# What caps count (client objects and client sockets): process total and per site id.
-_cap_total = [0]
-_cap_site: Dict[int, int] = {}
+_cap_site: Dict[int, int] = {}  # site id -> live objects that count toward caps
 # Cap reservations made before an original constructor/connect runs, consumed by track.
 _res_total = [0]
 _res_site: Dict[int, int] = {}
 _res_up: Dict[str, int] = {}
-Reservation = Tuple[CallSite, Optional[str]]
 
 # Optional observer of creations (span events): called after a track with
 # (obj, kind, site, upstream), outside the lock; its errors are swallowed.
 on_track: Optional[Any] = None
 
-_TRACK, _RELEASE, _GC, _ROLE, _TRANSFER, _NOOP, _UNRESERVE = range(7)
+_TRACK, _RELEASE, _GC, _ROLE, _TRANSFER, _UNRESERVE = range(6)
 
 
 def _on_collected(ref: _Ref, _append: Any = _deferred.append, _gc: int = _GC) -> None:
@@ -84,16 +89,21 @@ def _on_collected(ref: _Ref, _append: Any = _deferred.append, _gc: int = _GC) ->
     _append((_gc, ref))
 
 
-# --- the operations (called with the lock held and _busy set) --------------------------------
-
 def counts_toward_cap(kind: str, role: Optional[str]) -> bool:
     """Client objects and client sockets count toward caps; listeners, accepted and pairs don't."""
     return kind != "socket" or role == "client"
 
 
-def _consume(res: Optional[Reservation]) -> None:
-    if res is None:
-        return
+def _ref_of(obj: object) -> Optional[_Ref]:
+    for r in _getweakrefs(obj):
+        if type(r) is _Ref and r.stat is not None:
+            return r
+    return None
+
+
+# --- the operations (called with the lock held and _busy set) --------------------------------
+
+def _consume(res: Reservation) -> None:
     site, upstream = res
     _res_total[0] -= 1
     sid = id(site)
@@ -111,20 +121,32 @@ def _consume(res: Optional[Reservation]) -> None:
 
 
 def _add(ref: _Ref, kind: str, role: Optional[str], site: CallSite, upstream: Optional[str],
-         count_created: bool = True, res: Optional[Reservation] = None) -> None:
-    _consume(res)
-    if counts_toward_cap(kind, role):
-        _cap_total[0] += 1
-        _cap_site[id(site)] = _cap_site.get(id(site), 0) + 1
+         res: Optional[Reservation]) -> None:
+    if res is not None:
+        _consume(res)
+    if ref.stat is not None or ref() is None:
+        return  # already counted (a deferred duplicate) or already gone
     key = (kind, role, id(site))  # sites are interned; hashing the dataclass would cost more
     stat = _stats.get(key)
     if stat is None:
         stat = _stats[key] = _Stat(kind, role, site)
     ref.stat = stat
     ref.upstream = upstream
-    stat.refs[ref.oid] = ref
-    if count_created:
-        stat.created += 1
+    tail = stat.tail
+    ref.prev = tail
+    ref.next = None
+    if tail is None:
+        stat.head = ref
+    else:
+        tail.next = ref
+    stat.tail = ref
+    stat.live += 1
+    stat.created += 1
+    _totals[0] += 1
+    if stat.cap:
+        _totals[1] += 1
+        sid = id(site)
+        _cap_site[sid] = _cap_site.get(sid, 0) + 1
     if upstream is not None:
         u = stat.upstreams.get(upstream)
         if u is None:
@@ -133,7 +155,6 @@ def _add(ref: _Ref, kind: str, role: Optional[str], site: CallSite, upstream: Op
             u[0] += 1
             u[1] += 1
         _upstream_live[upstream] = _upstream_live.get(upstream, 0) + 1
-    _live[ref.oid] = ref
 
 
 def _remove(ref: _Ref, collected: bool, uncount: bool = False) -> None:
@@ -142,16 +163,24 @@ def _remove(ref: _Ref, collected: bool, uncount: bool = False) -> None:
     if stat is None:
         return
     ref.stat = None
-    if stat.refs.get(ref.oid) is ref:
-        del stat.refs[ref.oid]
-    if _live.get(ref.oid) is ref:
-        del _live[ref.oid]
+    prev, nxt = ref.prev, ref.next
+    if prev is None:
+        stat.head = nxt
+    else:
+        prev.next = nxt
+    if nxt is None:
+        stat.tail = prev
+    else:
+        nxt.prev = prev
+    ref.prev = ref.next = None
+    stat.live -= 1
+    _totals[0] -= 1
     if uncount:
         stat.created -= 1
     elif collected:
         stat.gc_released += 1
-    if counts_toward_cap(stat.kind, stat.role):
-        _cap_total[0] -= 1
+    if stat.cap:
+        _totals[1] -= 1
         sid = id(stat.site)
         n = _cap_site.get(sid, 0) - 1
         if n > 0:
@@ -172,48 +201,59 @@ def _remove(ref: _Ref, collected: bool, uncount: bool = False) -> None:
             _upstream_live.pop(up, None)
 
 
-def _set_role(ref: _Ref, role: Optional[str], upstream: Optional[str],
-              res: Optional[Reservation] = None) -> None:
-    _consume(res)
+def _set_role(ref: _Ref, role: Optional[str], upstream: Optional[str], res: Optional[Reservation]) -> None:
     stat = ref.stat
     if stat is None or (stat.role == role and ref.upstream == upstream):
+        if res is not None:
+            _consume(res)
         return
-    born = ref.born
     _remove(ref, False, uncount=True)
-    ref.born = born
-    _add(ref, stat.kind, role, stat.site, upstream)
+    _add(ref, stat.kind, role, stat.site, upstream, res)
 
 
 def _transfer(old: _Ref, new: _Ref) -> None:
     stat = old.stat
     if stat is None:
         return
-    cur = _live.get(new.oid)
-    if cur is not None and cur is not new:
+    cur = _ref_of_live(new)
+    if cur is not None:
         _remove(cur, False, uncount=True)  # the new object was counted on its own: undo that
+    new.born = old.born
     upstream = old.upstream
     _remove(old, False, uncount=True)
-    new.born = old.born
-    _add(new, stat.kind, stat.role, stat.site, upstream)
+    _add(new, stat.kind, stat.role, stat.site, upstream, None)
+
+
+def _ref_of_live(ref: _Ref) -> Optional[_Ref]:
+    obj = ref()
+    if obj is None:
+        return None
+    for r in _getweakrefs(obj):
+        if type(r) is _Ref and r is not ref and r.stat is not None:
+            return r
+    return None
+
+
+def _apply(op: Tuple[Any, ...]) -> None:
+    tag = op[0]
+    if tag == _GC:
+        _remove(op[1], True)
+    elif tag == _RELEASE:
+        _remove(op[1], False)
+    elif tag == _TRACK:
+        _add(*op[1:])
+    elif tag == _ROLE:
+        _set_role(op[1], op[2], op[3], op[4])
+    elif tag == _TRANSFER:
+        _transfer(op[1], op[2])
+    elif tag == _UNRESERVE:
+        _consume(op[1])
 
 
 def _drain() -> None:
     pop = _deferred.popleft
     while _deferred:
-        op = pop()
-        tag = op[0]
-        if tag == _GC:
-            _remove(op[1], True)
-        elif tag == _RELEASE:
-            _remove(op[1], False)
-        elif tag == _TRACK:
-            _add(*op[1:])
-        elif tag == _ROLE:
-            _set_role(op[1], op[2], op[3], op[4])
-        elif tag == _UNRESERVE:
-            _consume(op[1])
-        elif tag == _TRANSFER:
-            _transfer(op[1], op[2])
+        _apply(pop())
 
 
 def _run(op: Tuple[Any, ...]) -> None:
@@ -226,8 +266,9 @@ def _run(op: Tuple[Any, ...]) -> None:
             return
         _busy = True
         try:
-            _deferred.append(op)
-            _drain()
+            if _deferred:
+                _drain()
+            _apply(op)
         finally:
             _busy = False
 
@@ -239,13 +280,26 @@ def track(obj: object, kind: str, site: CallSite, role: Optional[str] = None,
     """Count ``obj`` as one live client of ``kind`` created at ``site``.
 
     ``reservation`` is the cap reservation (from :func:`reserve`) this object fills.
+    Tracking an object that is already tracked changes nothing.
     """
+    global _busy
     ref = _Ref(obj, _on_collected)
     ref.stat = None
-    ref.oid = id(obj)
     ref.born = _monotonic()
-    ref.upstream = None
-    _run((_TRACK, ref, kind, role, site, upstream, True, reservation))
+    with _lock:
+        if _busy:
+            _deferred.append((_TRACK, ref, kind, role, site, upstream, reservation))
+        else:
+            _busy = True
+            try:
+                if _deferred:
+                    _drain()
+                if _ref_of(obj) is None:
+                    _add(ref, kind, role, site, upstream, reservation)
+                elif reservation is not None:
+                    _consume(reservation)
+            finally:
+                _busy = False
     hook = on_track
     if hook is not None:
         try:
@@ -258,18 +312,18 @@ def track(obj: object, kind: str, site: CallSite, role: Optional[str] = None,
 
 def release(obj: object) -> bool:
     """Count ``obj`` as closed; returns False when it was not tracked (or already released)."""
-    ref = _live.get(id(obj))
-    if ref is None or ref() is not obj:
-        return False
-    _run((_RELEASE, ref))
-    return True
+    for r in _getweakrefs(obj):
+        if type(r) is _Ref and r.stat is not None:
+            _run((_RELEASE, r))
+            return True
+    return False
 
 
 def set_role(obj: object, role: Optional[str], upstream: Optional[str] = None,
              reservation: Optional[Reservation] = None) -> None:
     """Move a tracked object to another role (a socket that connected or listened)."""
-    ref = _live.get(id(obj))
-    if ref is not None and ref() is obj:
+    ref = _ref_of(obj)
+    if ref is not None:
         _run((_ROLE, ref, role, upstream, reservation))
     elif reservation is not None:
         _run((_UNRESERVE, reservation))
@@ -290,7 +344,7 @@ def reserve(site: CallSite, upstream: Optional[str], cap: Optional[int], per_sit
         _busy = True
         try:
             _drain()
-            total = _cap_total[0] + _res_total[0]
+            total = _totals[1] + _res_total[0]
             if cap is not None and total + 1 > cap:
                 return ("process", cap, total)
             sid = id(site)
@@ -322,13 +376,11 @@ def transfer(old: object, new: object) -> bool:
 
     For ownership hand-overs such as an SSLSocket built on a socket's descriptor.
     """
-    ref = _live.get(id(old))
-    if ref is None or ref() is not old:
+    ref = _ref_of(old)
+    if ref is None:
         return False
     new_ref = _Ref(new, _on_collected)
     new_ref.stat = None
-    new_ref.oid = id(new)
-    new_ref.upstream = None
     new_ref.born = ref.born
     _run((_TRANSFER, ref, new_ref))
     return True
@@ -336,37 +388,43 @@ def transfer(old: object, new: object) -> bool:
 
 def info(obj: object) -> Optional[Tuple[str, Optional[str], CallSite, Optional[str]]]:
     """(kind, role, site, upstream) of a tracked live object, else None."""
-    ref = _live.get(id(obj))
-    if ref is None or ref() is not obj:
-        return None
-    stat = ref.stat
-    if stat is None:
+    ref = _ref_of(obj)
+    stat = ref.stat if ref is not None else None
+    if ref is None or stat is None:
         return None
     return stat.kind, stat.role, stat.site, ref.upstream
 
 
 def is_tracked(obj: object) -> bool:
     """Whether ``obj`` is currently counted as live."""
-    ref = _live.get(id(obj))
-    return ref is not None and ref() is obj and ref.stat is not None
+    return _ref_of(obj) is not None
 
 
 def flush() -> None:
     """Apply deferred operations (collections reported by the GC)."""
-    if _deferred:
-        _run((_NOOP,))
+    global _busy
+    if not _deferred:
+        return
+    with _lock:
+        if _busy:
+            return
+        _busy = True
+        try:
+            _drain()
+        finally:
+            _busy = False
 
 
 def live_total() -> int:
     """Live tracked objects in the process (exact after pending collections are applied)."""
     flush()
-    return len(_live)
+    return _totals[0]
 
 
 def cap_live() -> int:
     """Live objects that count toward caps (client objects and client sockets)."""
     flush()
-    return _cap_total[0]
+    return _totals[1]
 
 
 def upstream_live(upstream: str) -> int:
@@ -386,15 +444,12 @@ def records() -> List[Record]:
             _drain()
             out: List[Record] = []
             for stat in _stats.values():
-                refs = stat.refs
-                if not refs and not stat.created:
+                if not stat.live and not stat.created:
                     continue  # only ever a waypoint of role moves
-                oldest = None
-                if refs:
-                    oldest = next(iter(refs.values())).born
+                head = stat.head
                 ups = tuple((u, v[0], v[1]) for u, v in stat.upstreams.items() if v[0] or v[1])
-                out.append((stat.kind, stat.role, stat.site, len(refs), stat.created,
-                            stat.gc_released, oldest, ups))
+                out.append((stat.kind, stat.role, stat.site, stat.live, stat.created,
+                            stat.gc_released, head.born if head is not None else None, ups))
             return out
         finally:
             _busy = False
@@ -405,10 +460,15 @@ def clear() -> None:
     global _busy
     with _lock:
         _deferred.clear()
-        _live.clear()
+        for stat in _stats.values():
+            ref = stat.head
+            while ref is not None:  # unlink, so no ref keeps a stat (or another ref) alive
+                nxt = ref.next
+                ref.stat = ref.prev = ref.next = None
+                ref = nxt
         _stats.clear()
+        _totals[0] = _totals[1] = 0
         _upstream_live.clear()
-        _cap_total[0] = 0
         _cap_site.clear()
         _res_total[0] = 0
         _res_site.clear()
@@ -439,7 +499,7 @@ def _after_fork_child() -> None:
     _res_site.clear()
     _res_up.clear()
     for stat in _stats.values():
-        stat.created = len(stat.refs)
+        stat.created = stat.live
         stat.gc_released = 0
         for v in stat.upstreams.values():
             v[1] = v[0]
