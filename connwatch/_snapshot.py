@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from . import _fds, _registry
+from . import _fds, _leaks, _registry
 from ._callsite import SLOTS, CallSite, Frame
 
 SCHEMA = "connwatch.snapshot/1"
@@ -42,6 +42,7 @@ class Statistic:
     oldest_age_s: Optional[float] = None
     upstreams: Tuple[Tuple[str, int], ...] = ()
     upstream: Optional[str] = None
+    growth: Optional[_leaks.Growth] = None  # leak signal over recent samples (callsite group)
 
     def label(self) -> str:
         """The kind with its role, e.g. ``socket/client`` or ``requests.Session``."""
@@ -186,6 +187,11 @@ class Snapshot:
                 "upstreams": dict(s.upstreams),
                 "traceback": [{"file": f, "line": ln, "function": fn} for f, ln, fn in site.traceback],
             })
+            if s.growth is not None:
+                callsites[-1].update({
+                    "suspected_leak": s.growth.suspected, "growth_per_min": round(s.growth.per_min, 3),
+                    "growth_samples": s.growth.samples, "growth_window_s": round(s.growth.window_s, 3),
+                })
         data: Dict[str, Any] = {
             "schema": SCHEMA, "pid": self.pid, "host": self.host, "service": self.service,
             "argv": list(self.argv), "time": self.time, "started": self.started,
@@ -307,10 +313,14 @@ def from_dict(data: Mapping[str, Any], source: str = "<snapshot>") -> Snapshot:
             closed = int(row["closed"]) if row.get("closed") is not None else max(0, created - live)
             ups = row.get("upstreams") or {}
             age = row.get("oldest_age_s")
+            growth = None
+            if isinstance(row.get("suspected_leak"), bool):
+                growth = _leaks.Growth(row["suspected_leak"], float(row.get("growth_per_min") or 0.0),
+                                       int(row.get("growth_samples") or 0), float(row.get("growth_window_s") or 0.0))
             stats.append(Statistic(
                 str(row["kind"]), row.get("role"), site, live, created, closed,
                 int(row.get("gc_released") or 0), None if age is None else float(age),
-                tuple((str(k), int(v)) for k, v in ups.items()),
+                tuple((str(k), int(v)) for k, v in ups.items()), growth=growth,
             ))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise SnapshotError(f"{source}: not a valid connwatch snapshot (bad call site row: {e!r})") from None
@@ -352,17 +362,34 @@ def set_cap_info(provider: Any) -> None:
     _Process.cap_info = provider
 
 
-def take(final: bool = False, records: Optional[Iterable[_registry.Record]] = None) -> Snapshot:
-    """Snapshot the registry now. Cost grows with the number of call sites, not clients."""
+def take(final: bool = False, records: Optional[Iterable[_registry.Record]] = None,
+         sample: bool = False) -> Snapshot:
+    """Snapshot the registry now. Cost grows with the number of call sites, not clients.
+
+    ``sample`` records this snapshot in the leak tracker's window (the snapshot writer does,
+    once per interval); every snapshot carries the leak signals of that window.
+    """
     now_m = time.monotonic()
     now = time.time()
     stats = []
-    for kind, role, site, live, created, gc_rel, oldest, ups in (
-        _registry.records() if records is None else records
-    ):
+    recs = list(_registry.records() if records is None else records)
+    fds_open, fds_limit = _fds.open_fds(), _fds.fd_limit()
+    tracker = _leaks.TRACKER
+    keys = [(r[0], r[1], r[2].file, r[2].line, r[2].function) for r in recs]
+    if sample:
+        tracker.add(now_m, zip(keys, (r[3] for r in recs)), fds_open)
+    growths = []
+    for key, (kind, role, site, live, created, gc_rel, oldest, ups) in zip(keys, recs):
         age = None if oldest is None else max(0.0, now_m - oldest)
+        growth = tracker.growth(key, (now_m, live))
+        growths.append((key, growth))
         stats.append(Statistic(kind, role, site, live, created, created - live, gc_rel, age,
-                               tuple((u, n) for u, n, _c in ups if n)))
+                               tuple((u, n) for u, n, _c in ups if n), growth=growth))
+    extra: Dict[str, Any] = {}
+    fd_points = tracker.fd_points(None if fds_open is None else (now_m, fds_open))
+    if len(fd_points) >= 2:
+        extra["fd_exhaustion"] = _leaks.fd_exhaustion(
+            fd_points, fds_limit, ((k, g) for k, g in growths if g is not None))
     cap: Dict[str, Any] = {}
     if _Process.cap_info is not None:
         try:
@@ -372,7 +399,7 @@ def take(final: bool = False, records: Optional[Iterable[_registry.Record]] = No
     return Snapshot(
         stats=tuple(stats), time=now, pid=os.getpid(), host=hostname(),
         service=_Process.service, argv=tuple(sys.argv), started=_Process.started,
-        fds_open=_fds.open_fds(), fds_limit=_fds.fd_limit(), cap=cap, final=final,
+        fds_open=fds_open, fds_limit=fds_limit, cap=cap, final=final, extra=extra,
     )
 
 
@@ -392,3 +419,4 @@ def hostname() -> str:
 
 def _after_fork_child() -> None:
     _Process.started = time.time()
+    _leaks.TRACKER.reset()

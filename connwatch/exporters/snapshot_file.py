@@ -12,7 +12,7 @@ import stat
 import threading
 from typing import Optional
 
-from .. import _log, _snapshot
+from .. import _leaks, _log, _snapshot
 
 _RETRY_LOG_S = 300.0
 
@@ -65,6 +65,7 @@ class SnapshotWriter:
         """Start the background writer (a daemon thread); a no-op with interval 0."""
         self._pid = os.getpid()
         self._stop = threading.Event()
+        _leaks.TRACKER.reset()  # growth windows start with this writer (and in a forked child)
         if self.interval <= 0:
             return
         t = threading.Thread(target=self._run, name="connwatch-snapshot", daemon=True)
@@ -83,7 +84,7 @@ class SnapshotWriter:
         if self._pid != os.getpid() or self._closed:
             return False
         try:
-            snap = _snapshot.take(final=final)
+            snap = _snapshot.take(final=final, sample=True)  # one leak-window sample per write
             path = self.path
             _snapshot.write_atomic(path, snap.dumps().encode("utf-8"))
             return True
