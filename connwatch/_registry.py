@@ -280,7 +280,7 @@ def track(obj: object, kind: str, site: CallSite, role: Optional[str] = None,
     """Count ``obj`` as one live client of ``kind`` created at ``site``.
 
     ``reservation`` is the cap reservation (from :func:`reserve`) this object fills.
-    Tracking an object that is already tracked changes nothing.
+    Callers track an object once (patches suppress nested constructors).
     """
     global _busy
     ref = _Ref(obj, _on_collected)
@@ -294,10 +294,7 @@ def track(obj: object, kind: str, site: CallSite, role: Optional[str] = None,
             try:
                 if _deferred:
                     _drain()
-                if _ref_of(obj) is None:
-                    _add(ref, kind, role, site, upstream, reservation)
-                elif reservation is not None:
-                    _consume(reservation)
+                _add(ref, kind, role, site, upstream, reservation)
             finally:
                 _busy = False
     hook = on_track
@@ -312,11 +309,24 @@ def track(obj: object, kind: str, site: CallSite, role: Optional[str] = None,
 
 def release(obj: object) -> bool:
     """Count ``obj`` as closed; returns False when it was not tracked (or already released)."""
-    for r in _getweakrefs(obj):
-        if type(r) is _Ref and r.stat is not None:
-            _run((_RELEASE, r))
-            return True
-    return False
+    global _busy
+    for ref in _getweakrefs(obj):
+        if type(ref) is _Ref and ref.stat is not None:
+            break
+    else:
+        return False
+    with _lock:
+        if _busy:
+            _deferred.append((_RELEASE, ref))
+        else:
+            _busy = True
+            try:
+                if _deferred:
+                    _drain()
+                _remove(ref, False)
+            finally:
+                _busy = False
+    return True
 
 
 def set_role(obj: object, role: Optional[str], upstream: Optional[str] = None,
