@@ -28,6 +28,8 @@ TRACEBACK_DEPTH = "CONNWATCH_TRACEBACK_DEPTH"
 SPAN_EVENTS = "CONNWATCH_SPAN_EVENTS"
 MAX_CALLSITES = "CONNWATCH_MAX_CALLSITES"
 SERVICE = "CONNWATCH_SERVICE"
+PROMETHEUS_HOST = "CONNWATCH_PROMETHEUS_HOST"
+PROMETHEUS_PORT = "CONNWATCH_PROMETHEUS_PORT"
 
 TRUE = frozenset({"1", "true", "yes", "on"})
 FALSE = frozenset({"0", "false", "no", "off", ""})
@@ -82,6 +84,8 @@ class Config:
     span_events: bool = True
     max_callsites: int = 1000
     service: Optional[str] = None
+    prometheus_host: str = "127.0.0.1"
+    prometheus_port: int = 9464
 
 
 def _bad(name: str, raw: object, why: str, default: object) -> None:
@@ -206,6 +210,9 @@ _PARSERS: dict[str, tuple[str, Callable[[object, Mapping[str, str]], Any]]] = {
     "span_events": (SPAN_EVENTS, lambda raw, env: _bool(SPAN_EVENTS, raw, True)),
     "max_callsites": (MAX_CALLSITES, lambda raw, env: _int(MAX_CALLSITES, raw, 1000, 1, 1_000_000)),
     "service": (SERVICE, lambda raw, env: (str(raw).strip() or None) if raw is not None else _service_from_env(env)),
+    "prometheus_host": (PROMETHEUS_HOST, lambda raw, env: (str(raw).strip() or "127.0.0.1") if raw is not None
+                        else "127.0.0.1"),
+    "prometheus_port": (PROMETHEUS_PORT, lambda raw, env: _int(PROMETHEUS_PORT, raw, 9464, 0, 65535)),
 }
 _ALIASES = {"exporter": "exporters"}
 
