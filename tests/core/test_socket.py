@@ -239,11 +239,13 @@ def test_agent_errors_never_reach_the_app(agent: Any, monkeypatch: pytest.Monkey
     def broken(*args: Any) -> None:
         raise RuntimeError("registry exploded")
 
+    socks = [socket.socket() for _ in range(5)]  # tracked while the registry works
     for name in ("_add", "_remove", "_set_role"):
         monkeypatch.setattr(_registry, name, broken)
     with caplog.at_level(logging.WARNING, logger="connwatch"):
-        for _ in range(5):
-            s = socket.create_connection(tcp_server.address, timeout=5)
+        socks += [socket.socket() for _ in range(5)]
+        for s in socks:
+            s.connect(tcp_server.address)
             s.sendall(b"ok")
             assert s.recv(2) == b"ok"
             s.close()
