@@ -243,9 +243,15 @@ def write_atomic(path: str, data: bytes) -> None:
 
 
 def read_json(path: str) -> Dict[str, Any]:
-    """Read and parse a snapshot file with size and type checks."""
+    """Read and parse a snapshot file with size, type and ownership checks."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        link = os.lstat(path)
+    except FileNotFoundError:
+        raise SnapshotError(f"{path}: no such snapshot file") from None
+    except OSError as e:
+        raise SnapshotError(f"{path}: cannot open: {e.strerror or e}") from None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise SnapshotError(f"{path}: no such snapshot file") from None
     except OSError as e:
@@ -254,6 +260,11 @@ def read_json(path: str) -> Dict[str, Any]:
         st = os.fstat(fd)
         if not _is_regular(st.st_mode):
             raise SnapshotError(f"{path}: not a regular file")
+        if _is_link(link.st_mode) and st.st_uid != link.st_uid:
+            # A link planted in a shared folder must not make us read (and show) another
+            # user's file.
+            raise SnapshotError(f"{path}: refused: a symbolic link to a file owned by another user "
+                                f"(uid {st.st_uid})")
         if st.st_size > MAX_FILE_BYTES:
             raise SnapshotError(f"{path}: too large for a snapshot ({st.st_size} bytes)")
         with os.fdopen(fd, "rb", closefd=False) as f:
@@ -275,6 +286,12 @@ def _is_regular(mode: int) -> bool:
     import stat
 
     return stat.S_ISREG(mode)
+
+
+def _is_link(mode: int) -> bool:
+    import stat
+
+    return stat.S_ISLNK(mode)
 
 
 def _need(data: Mapping[str, Any], key: str, types: Any, source: str) -> Any:

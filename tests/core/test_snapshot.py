@@ -173,3 +173,30 @@ def test_report_missing_and_corrupt_files(tmp_path: Path, leaky_run: Path) -> No
     assert proc.returncode == 0 and "skipped" in proc.stderr and "handler" in proc.stdout
     proc = run_py(["-m", "connwatch", "report", "999999999"], CONNWATCH_DIR=str(leaky_run))
     assert proc.returncode == 2 and "no snapshot file for pid" in proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own a file as another user")
+def test_symlink_to_another_users_file_is_refused(tmp_path: Path, leaky_run: Path) -> None:
+    (good,) = leaky_run.glob("*.json")
+    theirs = tmp_path / "theirs.json"
+    theirs.write_text(good.read_text())
+    os.chown(theirs, 65534, 65534)
+    link = leaky_run / "planted.json"
+    link.symlink_to(theirs)
+    with pytest.raises(SnapshotError, match="owned by another user"):
+        Snapshot.load(str(link))
+    proc = run_py(["-m", "connwatch", "report", str(link)])
+    assert proc.returncode == 2 and "owned by another user" in proc.stderr
+    own_link = leaky_run / "mine.json"
+    own_link.symlink_to(good)
+    assert Snapshot.load(str(own_link)).pid == Snapshot.load(str(good)).pid
+
+
+def test_huge_file_is_refused(tmp_path: Path) -> None:
+    from connwatch import _snapshot
+
+    big = tmp_path / "big.json"
+    with open(big, "wb") as f:
+        f.truncate(_snapshot.MAX_FILE_BYTES + 1)
+    with pytest.raises(SnapshotError, match="too large"):
+        Snapshot.load(str(big))
