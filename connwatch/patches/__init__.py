@@ -16,6 +16,11 @@ from .. import _importhook, _log
 # patch name -> (module whose import triggers it, "module:attr" of the patch module)
 PATCHES: Dict[str, Tuple[str, str]] = {
     "socket": ("socket", "connwatch.patches.stdlib_socket"),
+    "grpc": ("grpc", "connwatch.patches.grpc_channel"),
+    "urllib3": ("urllib3.poolmanager", "connwatch.patches.urllib3_pool"),  # before urllib3 makes its default pool
+    "requests": ("requests", "connwatch.patches.requests_session"),
+    "httpx": ("httpx", "connwatch.patches.httpx_client"),
+    "aiohttp": ("aiohttp", "connwatch.patches.aiohttp_session"),
 }
 
 _installed: Dict[str, Callable[[ModuleType], None]] = {}
