@@ -707,7 +707,7 @@ def _top(args: argparse.Namespace) -> int:
         while True:
             data = top_data(folder, top=args.top)
             lines = render_top(folder, data["processes"], [(d["path"], d["error"]) for d in data["skipped"]],
-                               data["time"], width=shutil_width(), height=10_000, interval=args.interval)
+                               data["time"], width=10_000, height=10_000, interval=args.interval)
             print("\n".join(lines), flush=True)
             count += 1
             if iterations is not None and count >= iterations:
@@ -735,13 +735,6 @@ def _top(args: argparse.Namespace) -> int:
                     return EXIT_OK
                 if " " in key or "r" in key.lower():
                     break  # refresh now
-
-
-def shutil_width() -> int:
-    """The terminal width (or $COLUMNS, or 120 when there is no terminal)."""
-    import shutil
-
-    return shutil.get_terminal_size((120, 40)).columns
 
 
 # --- doctor ----------------------------------------------------------------------------------
@@ -874,6 +867,8 @@ def check_folder() -> Dict[str, Any]:
 
     folder = snapshot_dir()
     fix = f"export {_config.DIR}=<a folder you own> (or fix: mkdir -p -m 700 {folder})"
+    if os.path.lexists(folder) and not os.path.islink(folder) and not os.path.isdir(folder):
+        return _check("snapshot folder", PROBLEM, f"{folder}: exists and is not a folder", fix)
     reason = prepare_dir(folder)
     if reason is not None:
         return _check("snapshot folder", PROBLEM, f"{folder}: {reason}", fix)
@@ -946,6 +941,7 @@ def _load_config() -> Tuple[Any, List[str]]:
         def emit(self, record: logging.LogRecord) -> None:
             messages.append(record.getMessage().replace("connwatch: ", "", 1))
 
+    _log.reset()  # the agent this command started (then stopped) may have reported them already
     logger = logging.getLogger(_log.LOGGER_NAME)
     handler = _Keep(logging.WARNING)
     logger.addHandler(handler)
