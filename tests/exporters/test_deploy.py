@@ -31,7 +31,8 @@ def test_promtool_test_rules() -> None:
 
 
 def _names(expr: str) -> set:
-    return {m for m in re.findall(r"[a-z_:]+", expr) if m.startswith(("connwatch_", "process_unix")) and m != "connwatch_client_kind"}
+    found = re.findall(r"[a-z_:]+", expr)
+    return {m for m in found if m.startswith(("connwatch_", "process_unix")) and m != "connwatch_client_kind"}
 
 
 def test_dashboard_and_rules_use_exposed_metric_names() -> None:

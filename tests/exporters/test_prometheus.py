@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -38,7 +39,7 @@ def _start_app(tmp_path: Path, port: int, target_port: int) -> Any:
     env = clean_env(CONNWATCH_ENABLED="1", CONNWATCH_SNAPSHOT_INTERVAL="0", CONNWATCH_DIR=str(tmp_path / "s"),
                     CONNWATCH_EXPORTER="prometheus", CONNWATCH_PROMETHEUS_PORT=str(port),
                     TARGET_PORT=str(target_port))
-    proc = subprocess.Popen([os.sys.executable, str(path)], env=env, stdin=subprocess.PIPE,  # type: ignore[attr-defined]
+    proc = subprocess.Popen([sys.executable, str(path)], env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
@@ -77,7 +78,8 @@ def test_metrics_endpoint_shows_the_leak_and_is_not_counted(tmp_path: Path, tcp_
     finally:
         out = _finish(proc)
     rows = _parse(text)
-    leak = [r for r in rows if r["name"] == "connwatch_clients_live" and r["labels"].get("code_line_number") == str(marks["leak"])]
+    leak = [r for r in rows
+            if r["name"] == "connwatch_clients_live" and r["labels"].get("code_line_number") == str(marks["leak"])]
     assert any(r["value"] == 4 and r["labels"]["server_port"] == str(tcp_server.port)
                and r["labels"]["code_file_path"] == str(path) and r["labels"]["connwatch_client_kind"] == "socket"
                for r in leak), leak

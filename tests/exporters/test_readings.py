@@ -28,7 +28,8 @@ def test_overflow_keeps_first_sites_and_sums_the_rest(agent: Any, tmp_path: Path
     mod = _sites_module(tmp_path, 10, "ten_sites")
     keep: List[socket.socket] = [getattr(mod, f"f{i}")() for i in range(10)]
     c = _readings.Collector(max_callsites=3)
-    live = {a: v for a, v in c.reading().live.items() if str(dict(a)[_readings.FILE]).endswith(("ten_sites.py", "_other"))}
+    live = {a: v for a, v in c.reading().live.items()
+            if str(dict(a)[_readings.FILE]).endswith(("ten_sites.py", "_other"))}
     own = {dict(a)[_readings.LINE]: v for a, v in live.items() if dict(a)[_readings.FILE] != "_other"}
     other = [v for a, v in live.items() if dict(a)[_readings.FILE] == "_other"]
     assert own == {3: 1, 5: 1, 7: 1}, own  # the first three sites seen, deterministic
