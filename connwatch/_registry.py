@@ -9,11 +9,15 @@ Hazards, and how this module meets them:
 * **O(1) and small.** The live refs of one (kind, role, site) form a doubly linked list
   threaded through the refs themselves (``prev``/``next`` slots): insertion at the tail,
   removal anywhere, the oldest live object at the head. About 150 bytes per live object.
+* **A lock-free hot path.** ``track``, ``release`` and ``set_role`` only append an event to
+  ``_events`` (``deque.append`` is atomic under the GIL). Events are applied in order, in
+  batches, under the lock: by every read (``records``, ``reserve``, ``flush``), and by the
+  hot path itself once a batch has accumulated. Reads are therefore exact: they apply every
+  event appended before them.
 * **Garbage collection inside our own critical section.** The cyclic GC can run at any
   allocation, and it runs weakref callbacks and ``__del__`` methods (which may close sockets)
-  on the current thread. So callbacks never take the lock: they append to ``_deferred``; and
-  a re-entrant call from inside a critical section (``_busy`` set by the lock holder) also
-  defers its operation. Every locked operation drains ``_deferred`` first, so reads are exact.
+  on the current thread. Callbacks and hot-path calls only append; a drain re-entered on the
+  same thread (``_busy`` set by the lock holder) returns at once.
 * **Fork.** ``before`` takes the lock, both sides release or replace it; the child keeps the
   objects it inherited (it holds them) and restarts its created/closed history from there.
 """
@@ -33,7 +37,8 @@ _getweakrefs = weakref.getweakrefs
 
 
 class _Ref(weakref.ref):  # type: ignore[type-arg]
-    __slots__ = ("born", "next", "prev", "stat", "upstream")
+    __slots__ = ("born", "closed", "next", "prev", "stat", "upstream")
+    closed: bool  # a release event was queued
     stat: Optional[_Stat]
     born: float
     upstream: Optional[str]
@@ -67,7 +72,9 @@ Reservation = Tuple[CallSite, Optional[str]]
 
 _lock = threading.RLock()
 _busy = False
-_deferred: Deque[Tuple[Any, ...]] = deque()
+_events: Deque[Tuple[Any, ...]] = deque()
+_append = _events.append
+_BATCH = 256  # the hot path applies events itself once this many are queued
 _stats: Dict[Tuple[str, Optional[str], int], _Stat] = {}
 _totals = [0, 0]  # [live objects, live objects that count toward caps]
 _upstream_live: Dict[str, int] = {}
@@ -84,7 +91,7 @@ on_track: Optional[Any] = None
 _TRACK, _RELEASE, _GC, _ROLE, _TRANSFER, _UNRESERVE = range(6)
 
 
-def _on_collected(ref: _Ref, _append: Any = _deferred.append, _gc: int = _GC) -> None:
+def _on_collected(ref: _Ref, _append: Any = _append, _gc: int = _GC) -> None:
     # Runs inside the GC, possibly while this thread holds the lock: only append.
     _append((_gc, ref))
 
@@ -95,8 +102,9 @@ def counts_toward_cap(kind: str, role: Optional[str]) -> bool:
 
 
 def _ref_of(obj: object) -> Optional[_Ref]:
+    """The live (not released) ref of ``obj``, whether or not its track event is applied yet."""
     for r in _getweakrefs(obj):
-        if type(r) is _Ref and r.stat is not None:
+        if type(r) is _Ref and not r.closed:
             return r
     return None
 
@@ -124,8 +132,8 @@ def _add(ref: _Ref, kind: str, role: Optional[str], site: CallSite, upstream: Op
          res: Optional[Reservation]) -> None:
     if res is not None:
         _consume(res)
-    if ref.stat is not None or ref() is None:
-        return  # already counted (a deferred duplicate) or already gone
+    if ref.stat is not None:
+        return
     key = (kind, role, id(site))  # sites are interned; hashing the dataclass would cost more
     stat = _stats.get(key)
     if stat is None:
@@ -225,6 +233,7 @@ def _transfer(old: _Ref, new: _Ref) -> None:
 
 
 def _ref_of_live(ref: _Ref) -> Optional[_Ref]:
+    """Another ref of the same object that is counted (applied)."""
     obj = ref()
     if obj is None:
         return None
@@ -251,24 +260,31 @@ def _apply(op: Tuple[Any, ...]) -> None:
 
 
 def _drain() -> None:
-    pop = _deferred.popleft
-    while _deferred:
-        _apply(pop())
+    """Apply the queued events (lock held, ``_busy`` set). Events queued while this runs, by
+    other threads or by the GC, are applied too, up to the count queued at the start plus
+    those: a read sees every event queued before it."""
+    pop = _events.popleft
+    while _events:
+        op = pop()
+        try:
+            _apply(op)
+        except Exception:
+            from . import _log
+
+            _log.internal_error("the registry")
 
 
-def _run(op: Tuple[Any, ...]) -> None:
-    """Apply one operation under the lock, or defer it if this thread is already inside."""
+def flush() -> None:
+    """Apply queued events now (every read does this first)."""
     global _busy
+    if not _events:
+        return
     with _lock:
         if _busy:
-            # Re-entered from a GC callback or __del__ inside our own critical section.
-            _deferred.append(op)
-            return
+            return  # re-entered on this thread (GC inside a drain): the outer drain goes on
         _busy = True
         try:
-            if _deferred:
-                _drain()
-            _apply(op)
+            _drain()
         finally:
             _busy = False
 
@@ -282,21 +298,13 @@ def track(obj: object, kind: str, site: CallSite, role: Optional[str] = None,
     ``reservation`` is the cap reservation (from :func:`reserve`) this object fills.
     Callers track an object once (patches suppress nested constructors).
     """
-    global _busy
     ref = _Ref(obj, _on_collected)
     ref.stat = None
+    ref.closed = False
     ref.born = _monotonic()
-    with _lock:
-        if _busy:
-            _deferred.append((_TRACK, ref, kind, role, site, upstream, reservation))
-        else:
-            _busy = True
-            try:
-                if _deferred:
-                    _drain()
-                _add(ref, kind, role, site, upstream, reservation)
-            finally:
-                _busy = False
+    _append((_TRACK, ref, kind, role, site, upstream, reservation))
+    if len(_events) > _BATCH:
+        flush()
     hook = on_track
     if hook is not None:
         try:
@@ -309,24 +317,14 @@ def track(obj: object, kind: str, site: CallSite, role: Optional[str] = None,
 
 def release(obj: object) -> bool:
     """Count ``obj`` as closed; returns False when it was not tracked (or already released)."""
-    global _busy
     for ref in _getweakrefs(obj):
-        if type(ref) is _Ref and ref.stat is not None:
-            break
-    else:
-        return False
-    with _lock:
-        if _busy:
-            _deferred.append((_RELEASE, ref))
-        else:
-            _busy = True
-            try:
-                if _deferred:
-                    _drain()
-                _remove(ref, False)
-            finally:
-                _busy = False
-    return True
+        if type(ref) is _Ref and not ref.closed:
+            ref.closed = True
+            _append((_RELEASE, ref))
+            if len(_events) > _BATCH:
+                flush()
+            return True
+    return False
 
 
 def set_role(obj: object, role: Optional[str], upstream: Optional[str] = None,
@@ -334,9 +332,11 @@ def set_role(obj: object, role: Optional[str], upstream: Optional[str] = None,
     """Move a tracked object to another role (a socket that connected or listened)."""
     ref = _ref_of(obj)
     if ref is not None:
-        _run((_ROLE, ref, role, upstream, reservation))
+        _append((_ROLE, ref, role, upstream, reservation))
     elif reservation is not None:
-        _run((_UNRESERVE, reservation))
+        _append((_UNRESERVE, reservation))
+    if len(_events) > _BATCH:
+        flush()
 
 
 def reserve(site: CallSite, upstream: Optional[str], cap: Optional[int], per_site: Optional[int],
@@ -378,7 +378,8 @@ def reserve(site: CallSite, upstream: Optional[str], cap: Optional[int], per_sit
 
 def unreserve(reservation: Reservation) -> None:
     """Give back a reservation whose client was never made (the original raised)."""
-    _run((_UNRESERVE, reservation))
+    _append((_UNRESERVE, reservation))
+    flush()
 
 
 def transfer(old: object, new: object) -> bool:
@@ -389,15 +390,22 @@ def transfer(old: object, new: object) -> bool:
     ref = _ref_of(old)
     if ref is None:
         return False
+    own = _ref_of(new)
+    if own is not None:
+        own.closed = True  # replaced by new_ref when the transfer is applied
     new_ref = _Ref(new, _on_collected)
     new_ref.stat = None
+    new_ref.closed = False
     new_ref.born = ref.born
-    _run((_TRANSFER, ref, new_ref))
+    ref.closed = True
+    _append((_TRANSFER, ref, new_ref))
+    flush()
     return True
 
 
 def info(obj: object) -> Optional[Tuple[str, Optional[str], CallSite, Optional[str]]]:
     """(kind, role, site, upstream) of a tracked live object, else None."""
+    flush()
     ref = _ref_of(obj)
     stat = ref.stat if ref is not None else None
     if ref is None or stat is None:
@@ -408,21 +416,6 @@ def info(obj: object) -> Optional[Tuple[str, Optional[str], CallSite, Optional[s
 def is_tracked(obj: object) -> bool:
     """Whether ``obj`` is currently counted as live."""
     return _ref_of(obj) is not None
-
-
-def flush() -> None:
-    """Apply deferred operations (collections reported by the GC)."""
-    global _busy
-    if not _deferred:
-        return
-    with _lock:
-        if _busy:
-            return
-        _busy = True
-        try:
-            _drain()
-        finally:
-            _busy = False
 
 
 def live_total() -> int:
@@ -469,7 +462,7 @@ def clear() -> None:
     """Forget everything (tests, and ``connwatch.disable()`` followed by ``enable()``)."""
     global _busy
     with _lock:
-        _deferred.clear()
+        _events.clear()
         for stat in _stats.values():
             ref = stat.head
             while ref is not None:  # unlink, so no ref keeps a stat (or another ref) alive

@@ -204,6 +204,7 @@ def test_reentrant_call_from_inside_the_critical_section_is_deferred_and_applied
 
     o = Client()
     _registry.track(o, "k", SITE, upstream=Upstream("h:9"))
+    _registry.flush()
     assert calls == [True], "the hook ran inside the critical section"
     r = rec("k", OTHER)
     assert (r[3], r[4]) == (1, 2), "the deferred release and track were both applied"
