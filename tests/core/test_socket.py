@@ -249,6 +249,7 @@ def test_agent_errors_never_reach_the_app(agent: Any, monkeypatch: pytest.Monkey
             s.sendall(b"ok")
             assert s.recv(2) == b"ok"
             s.close()
+        agent.snapshot()  # applies the queued events: the registry fails, the caller does not
     records = [r.getMessage() for r in caplog.records if "internal error" in r.getMessage()]
     assert len(records) == 1, records  # once, not per socket
     assert all("the app is unaffected" in r for r in records)
