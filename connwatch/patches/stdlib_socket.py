@@ -103,13 +103,13 @@ def _make_wrappers() -> Dict[str, Any]:
     internal_error = _log.internal_error
 
     @functools.wraps(o_init)
-    def _wrap___init__(self: socket.socket, *args: Any, **kwargs: Any) -> None:
-        o_init(self, *args, **kwargs)
+    def _wrap___init__(self: socket.socket, family: Any = -1, type: Any = -1, proto: Any = -1,
+                       fileno: Any = None) -> None:
+        o_init(self, family, type, proto, fileno)
         try:
             site = find(2)
             if site is None:
                 return  # the agent's own socket
-            fileno = args[3] if len(args) > 3 else kwargs.get("fileno")
             if fileno is None:
                 track(self, KIND, site)
                 return
