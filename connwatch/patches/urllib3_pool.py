@@ -11,6 +11,9 @@ What is one client:
 * the module-level default pool urllib3 makes on import (``urllib3.request()``) is tracked at
   urllib3's own line, marked ``library``, so it is never blamed on the app's import line.
 
+The patch is triggered by ``urllib3.poolmanager`` (which loads ``connectionpool`` first), so
+the classes are wrapped before ``urllib3/__init__`` builds that default pool.
+
 Release never depends on ``close()``: urllib3 drops pools on ``clear()``, on eviction from a
 manager and by garbage collection. Pools are released by ``close()`` or collection; managers
 by ``clear()`` (also what their ``with`` block calls) or collection.
