@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ._callsite import CallSite
+from ._guard import Leak, LeakError, guard
 from ._snapshot import Snapshot, SnapshotError, Statistic, StatisticDiff
 
 __version__ = "0.1.0"
@@ -23,6 +24,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CallSite",
     "ClientCapExceeded",
+    "Leak",
+    "LeakError",
     "Snapshot",
     "SnapshotError",
     "Statistic",
@@ -30,6 +33,7 @@ __all__ = [
     "__version__",
     "disable",
     "enable",
+    "guard",
     "is_enabled",
     "snapshot",
     "snapshot_path",

@@ -1,0 +1,233 @@
+"""Leak checks around a block of code: ``connwatch.guard()``, and the pytest plugin's engine.
+
+A check snapshots the registry before the block and after it, waits a short grace period
+for clients that are closed asynchronously (a background thread, an event loop callback),
+and reports every call site that holds more live clients than before, beyond what is
+allowed or ignored. Stdlib only: this is part of the core.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import gc
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, TypeVar, Union
+
+from . import _callsite, _snapshot
+from ._callsite import SLOTS, CallSite
+from ._snapshot import Snapshot, StatisticDiff
+
+DEFAULT_GRACE_S = 0.5
+_POLL_S = 0.02
+MAX_FRAMES = 8
+
+# allow=: a number of clients in total, patterns allowed without limit, or a budget per pattern.
+Allow = Union[int, str, Iterable[str], Mapping[str, int], None]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, **SLOTS)
+class Leak:
+    """Live clients that one call site (and kind) left behind."""
+
+    kind: str
+    role: Optional[str]
+    site: Optional[CallSite]
+    count: int  # new live clients beyond what was allowed
+    live: int  # live clients of the site now
+    upstreams: Tuple[Tuple[str, int], ...] = ()
+
+    def label(self) -> str:
+        """The kind with its role."""
+        return f"{self.kind}/{self.role}" if self.role else self.kind
+
+    def where(self) -> str:
+        """``file:line (function)`` of the call site."""
+        return self.site.format() if self.site is not None else "?"
+
+
+class LeakError(AssertionError):
+    """New live clients remained after a guarded block (an AssertionError, for test runners)."""
+
+    def __init__(self, message: str, leaks: Iterable[Leak] = ()) -> None:
+        super().__init__(message)
+        self.leaks: Tuple[Leak, ...] = tuple(leaks)
+
+
+def _names(d: StatisticDiff) -> List[str]:
+    """What an allow/ignore pattern can name: the kind, its label, the file, ``file:line``."""
+    names = [d.kind, d.label()]
+    site = d.site
+    if site is not None:
+        names += [site.file, f"{site.file}:{site.line}", site.function, site.format()]
+    return names
+
+
+def matches(pattern: str, d: StatisticDiff) -> bool:
+    """Whether a glob ``pattern`` names the call site or kind of ``d``.
+
+    A pattern matches a name whole or as a path suffix (``app.py:12`` matches
+    ``/srv/app.py:12``), so a test can name a site without its absolute path.
+    """
+    for name in _names(d):
+        if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*" + os.sep + pattern):
+            return True
+    return False
+
+
+def find_leaks(before: Snapshot, after: Snapshot, allow: Allow = 0, ignore: Iterable[str] = ()) -> List[Leak]:
+    """Call sites with more live clients in ``after`` than in ``before``, beyond ``allow``/``ignore``.
+
+    ``allow`` is a number (new clients allowed in total), a pattern or list of patterns
+    (allowed without limit), or a mapping pattern -> clients allowed for the sites it names.
+    """
+    ignore = tuple(ignore)
+    budget: Dict[str, int] = {}
+    unlimited: Tuple[str, ...] = ()
+    total = 0
+    if isinstance(allow, Mapping):
+        budget = {str(k): int(v) for k, v in allow.items()}
+    elif isinstance(allow, str):
+        unlimited = (allow,)
+    elif isinstance(allow, bool) or allow is None:
+        total = 0
+    elif isinstance(allow, int):
+        total = allow
+    else:
+        unlimited = tuple(str(p) for p in allow)
+    now = {(s.kind, s.role, s.site): s for s in after.statistics("callsite")}
+    found: List[Leak] = []
+    for d in after.compare_to(before):
+        n = d.live_diff
+        if n <= 0:
+            continue
+        if any(matches(p, d) for p in ignore + unlimited):
+            continue
+        for pattern in budget:
+            if budget[pattern] > 0 and matches(pattern, d):
+                used = min(n, budget[pattern])
+                budget[pattern] -= used
+                n -= used
+        if n <= 0:
+            continue
+        stat = now.get((d.kind, d.role, d.site))
+        found.append(Leak(d.kind, d.role, d.site, n, d.live, stat.upstreams if stat is not None else ()))
+    if total > 0 and sum(x.count for x in found) <= total:
+        return []
+    return found
+
+
+def check(before: Snapshot, allow: Allow = 0, ignore: Iterable[str] = (),
+          grace: float = DEFAULT_GRACE_S) -> Tuple[List[Leak], Snapshot]:
+    """Compare the registry now with ``before``; wait up to ``grace`` seconds for closes.
+
+    Clients that are unreachable but not yet collected (reference cycles) are collected once
+    before a leak is reported: what remains is really held by someone.
+    """
+    deadline = time.monotonic() + max(0.0, grace)
+    while True:
+        after = _snapshot.take()
+        leaks = find_leaks(before, after, allow, ignore)
+        if not leaks:
+            return leaks, after
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(_POLL_S)
+    gc.collect()
+    after = _snapshot.take()
+    return find_leaks(before, after, allow, ignore), after
+
+
+def _frames(site: CallSite) -> List[Tuple[str, int, str]]:
+    """The site's traceback, outermost first, trimmed to the app's own frames where possible."""
+    frames = list(reversed(site.traceback))
+    own = [f for f in frames if _callsite.classify(f[0]) == _callsite.USER]
+    return (own or frames)[-MAX_FRAMES:]
+
+
+def format_leaks(leaks: Iterable[Leak], what: str = "the block") -> str:
+    """A message naming each leaking call site with its traceback and counts."""
+    leaks = list(leaks)
+    total = sum(x.count for x in leaks)
+    out = [f"connwatch: {what} left {total} new live client{'s' if total != 1 else ''} behind "
+           f"at {len(leaks)} call site{'s' if len(leaks) != 1 else ''}:"]
+    for x in leaks:
+        ups = ""
+        if x.upstreams:
+            ups = " to " + ", ".join(u for u, _n in sorted(x.upstreams, key=lambda un: -un[1])[:3])
+        out.append(f"  +{x.count} {x.label()} at {x.where()}{ups} ({x.live} live there now)")
+        if x.site is not None and x.site.traceback:
+            out.append("    traceback (most recent call last):")
+            out += [f"      {f}:{ln} in {fn}" for f, ln, fn in _frames(x.site)]
+    return "\n".join(out)
+
+
+def ensure_enabled() -> bool:
+    """Start the agent if it is not running; returns whether this call started it.
+
+    Snapshot files stay as configured; without ``CONNWATCH_SNAPSHOT_INTERVAL`` none are
+    written periodically (a check only needs in-process snapshots).
+    """
+    import connwatch
+
+    if connwatch.is_enabled():
+        return False
+    overrides: Dict[str, Any] = {}
+    if not os.environ.get("CONNWATCH_SNAPSHOT_INTERVAL"):
+        overrides["snapshot_interval"] = 0
+    return bool(connwatch.enable(**overrides))
+
+
+class guard:
+    """Fail when a block leaves new live clients: a context manager and a decorator.
+
+        with connwatch.guard():
+            client = make_client(); client.close()
+
+        @connwatch.guard(allow={"socket/listener": 1}, grace=1.0)
+        def test_server(): ...
+
+    On exit (unless the block raised), waits up to ``grace`` seconds for asynchronous closes,
+    then raises :class:`LeakError` naming each call site that holds more live clients than
+    on entry, beyond ``allow`` (see :func:`find_leaks`) and the glob patterns of ``ignore``.
+    Starts the agent if it is not running (and leaves it running).
+    """
+
+    def __init__(self, allow: Allow = 0, grace: float = DEFAULT_GRACE_S, ignore: Iterable[str] = ()) -> None:
+        self.allow = allow
+        self.grace = grace
+        self.ignore = tuple(ignore)
+        self.leaks: Tuple[Leak, ...] = ()
+        self._local = threading.local()
+
+    def _stack(self) -> List[Snapshot]:
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    def __enter__(self) -> guard:
+        ensure_enabled()
+        self._stack().append(_snapshot.take())
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        before = self._stack().pop()
+        if exc_type is not None:
+            return  # the block's own error says more than a leak would
+        leaks, _after = check(before, self.allow, self.ignore, self.grace)
+        self.leaks = tuple(leaks)
+        if leaks:
+            raise LeakError(format_leaks(leaks), leaks)
+
+    def __call__(self, func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with self:
+                return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
