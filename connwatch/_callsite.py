@@ -177,8 +177,7 @@ def find(depth: int = 2) -> Optional[CallSite]:
     frame = outer_third or outer
     if frame is None:  # pragma: no cover - there is always a frame
         return _overflow
-    site = _sites.get((frame.f_code.co_filename, frame.f_lineno))
-    return site if site is not None and site.library else _new_site(frame, True)
+    return library_site(frame)
 
 
 def _new_site(frame: FrameType, library: bool) -> CallSite:
@@ -195,6 +194,12 @@ def _new_site(frame: FrameType, library: bool) -> CallSite:
     site = CallSite(code.co_filename, key[1], getattr(code, _NAME_ATTR), library, tuple(tb))
     # setdefault: two threads meeting a new site at once agree on one object.
     return _sites.setdefault(key, site)
+
+
+def library_site(frame: FrameType) -> CallSite:
+    """The interned site of ``frame``, marked as library (a library's own client)."""
+    site = _sites.get((frame.f_code.co_filename, frame.f_lineno))
+    return site if site is not None and site.library else _new_site(frame, True)
 
 
 def overflow() -> CallSite:

@@ -125,7 +125,7 @@ def arg(args: Tuple[Any, ...], kwargs: Dict[str, Any], index: int, name: str) ->
 
 def library_site(frame: FrameType) -> CallSite:
     """An interned call site at a library frame, marked ``library`` (never blamed on the app)."""
-    return _callsite._new_site(frame, True)
+    return _callsite.library_site(frame)
 
 
 # --- the wrappers -----------------------------------------------------------------------------
