@@ -91,7 +91,10 @@ def _main(run: _Run, names: Tuple[str, ...]) -> None:
         _setup(run, names)
         _register_new_threads(run, before)
     except Exception:
-        _log.internal_error("exporter set-up")
+        # An app that exits while we still import (grpc registers atexit hooks at import)
+        # is not an error worth a traceback.
+        if not run.stop.is_set():
+            _log.internal_error("exporter set-up")
     finally:
         run.ready.set()
     if run.stop.is_set() and run.prometheus is not None:

@@ -256,13 +256,22 @@ def test_fork_child_exports_its_own(tmp_path: Path, grpc_receiver: GrpcReceiver)
 
 
 def test_unknown_or_missing_exporter_warns_once(tmp_path: Path) -> None:
-    path, _ = write_app(tmp_path, "import connwatch\nprint(connwatch.is_enabled())\n")
+    path, _ = write_app(tmp_path, "import connwatch\nfrom connwatch import exporters\n"
+                        "exporters.wait_ready(20)\nprint(connwatch.is_enabled())\n")
     proc = run_app(path, CONNWATCH_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:1",
                    OTEL_EXPORTER_OTLP_PROTOCOL="bogus", OTEL_METRIC_EXPORT_INTERVAL="nope")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "True"
     assert proc.stderr.count("OTEL_METRIC_EXPORT_INTERVAL") == 1, proc.stderr
     assert proc.stderr.count("bogus") == 1, proc.stderr
+
+
+def test_exit_during_exporter_set_up_is_quiet(tmp_path: Path) -> None:
+    # The app exits while the exporter thread still imports the SDK: no traceback, no hang.
+    path, _ = write_app(tmp_path, "print('done')\n")
+    proc = run_app(path, OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:1")
+    assert proc.returncode == 0 and proc.stdout.strip() == "done"
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
 
 
 def test_export_now_is_safe_without_exporters() -> None:
