@@ -180,3 +180,18 @@ def test_top_survives_only_bad_files(tmp_path: Path) -> None:
     assert "a.json: empty file" in proc.stdout and "newer than this connwatch reads" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
     shutil.rmtree(folder)
+
+
+def test_commands_do_not_report_themselves(apps: Any, tcp_server: Any, tmp_path: Path) -> None:
+    # With CONNWATCH_ENABLED in the shell, the command's own process must not show up.
+    folder = tmp_path / "snaps"
+    app = apps("hold", tcp_server.port, "1")
+    app.wait_for(lambda d: d["totals"]["live"] >= 1)
+    for args in (["top", str(folder), "--once", "--json"], ["report", str(folder), "--json"]):
+        proc = connwatch_cli(*args, CONNWATCH_ENABLED="1", CONNWATCH_DIR=str(folder),
+                             CONNWATCH_SNAPSHOT_INTERVAL="0.05")
+        assert proc.returncode == 0, proc.stderr
+        data = json.loads(proc.stdout)
+        pids = [p["pid"] for p in (data if isinstance(data, list) else data["processes"])]
+        assert pids == [app.pid]
+    assert sorted(p.name for p in folder.iterdir()) == [app.path.name]
