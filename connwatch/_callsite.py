@@ -177,7 +177,7 @@ def find(depth: int = 2) -> Optional[CallSite]:
     frame = outer_third or outer
     if frame is None:  # pragma: no cover - there is always a frame
         return _overflow
-    return library_site(frame)
+    return _library_site(frame)
 
 
 def _new_site(frame: FrameType, library: bool) -> CallSite:
@@ -196,8 +196,23 @@ def _new_site(frame: FrameType, library: bool) -> CallSite:
     return _sites.setdefault(key, site)
 
 
-def library_site(frame: FrameType) -> CallSite:
-    """The interned site of ``frame``, marked as library (a library's own client)."""
+def library_site(frame: FrameType) -> Optional[CallSite]:
+    """The interned site of ``frame``, marked as library (a library's own client).
+
+    None when the object is the agent's own (an agent thread, or an exporter frame on the
+    stack above ``frame``), exactly as :func:`find` decides.
+    """
+    if _agent_threads and threading.get_ident() in _agent_threads:
+        return None
+    f: Optional[FrameType] = frame
+    while f is not None:
+        if classify(f.f_code.co_filename) == AGENT:
+            return None
+        f = f.f_back
+    return _library_site(frame)
+
+
+def _library_site(frame: FrameType) -> CallSite:
     site = _sites.get((frame.f_code.co_filename, frame.f_lineno))
     return site if site is not None and site.library else _new_site(frame, True)
 

@@ -71,12 +71,17 @@ def _start(overrides: dict[str, object]) -> None:
     _State.writer = _make_writer(cfg)
     if _State.writer is not None:
         _State.writer.start()
-    if cfg.exporters:
-        # Metric exporters import heavy packages: exporters.start must do that off this thread.
-        from . import exporters
+    # Metric exporters and span events; heavy imports happen off this thread, and with
+    # nothing configured this returns at once.
+    from . import exporters
 
-        exporters.start(cfg)
+    exporters.start(cfg)
     if not _State.fork_registered:
+        # logging's own at-fork hook must run before ours in a child (hooks run in the order
+        # registered): ours start threads, and a thread that logs before logging has
+        # re-created its locks could block forever on a lock inherited in a held state.
+        import logging  # noqa: F401
+
         _forksafe.register(before=_registry._before_fork, parent=_registry._after_fork_parent,
                            child=_after_fork_child)
         _State.fork_registered = True
@@ -104,13 +109,14 @@ def _make_writer(cfg: Config) -> Any:
     return SnapshotWriter(folder, cfg.snapshot_interval)
 
 
-def stop() -> None:
-    """Stop the agent: restore every patched original, write a final snapshot, forget counts."""
+def stop(final_write: bool = True) -> None:
+    """Stop the agent: restore every patched original, write a final snapshot (unless
+    ``final_write`` is False), forget counts."""
     with _lock:
         if not _State.enabled:
             return
         try:
-            _stop(final_write=True)
+            _stop(final_write=final_write)
         except Exception:
             _log.internal_error("stop")
 

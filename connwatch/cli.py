@@ -1023,7 +1023,7 @@ def _quiet_agent() -> None:
     if not bootstrap.is_enabled():
         return
     path = bootstrap.snapshot_path()
-    bootstrap.stop()
+    bootstrap.stop(final_write=False)
     if path:
         try:
             os.unlink(path)

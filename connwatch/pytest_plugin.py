@@ -158,9 +158,10 @@ class LeakChecker:
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         if not self.started_agent:
             return
-        import connwatch
 
-        connwatch.disable()
+        from connwatch import bootstrap
+
+        bootstrap.stop(final_write=False)
         if self.agent_file:  # the snapshot file of a test run is not wanted in the folder
             try:
                 os.unlink(self.agent_file)

@@ -21,7 +21,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q ".[test]"
+.venv/bin/python -m pip install -q ".[test,bench]"
 # A real (non-editable) install, rebuilt every run: subprocess tests need the wheel's
 # connwatch.pth in site-packages, and must run this checkout's code.
 .venv/bin/python -m pip install -q --no-deps --force-reinstall .

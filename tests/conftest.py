@@ -11,6 +11,8 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
+pytest_plugins = ["pytester"]  # the pytest plugin's tests (tests/cli) run pytest on files
+
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
 SCHEMA = TESTS / "data" / "snapshot.schema.json"

@@ -21,8 +21,9 @@ from . import _readings
 
 THREAD_NAME = "connwatch-exporter"
 STOP_TIMEOUT_S = 2.0  # the longest stop() (and so the app's exit) waits for a final export
-# A forked child's exporter thread starts inside the at-fork hooks, before later hooks (logging's
-# lock re-initialisation among them) have run: it waits this long before touching any lock.
+# A forked child's exporter thread starts inside the at-fork hooks, before hooks registered
+# after ours have run (the SDK's and grpc's, which re-create their locks and threads; logging's
+# runs first since the bootstrap imports logging before registering): it waits this long first.
 FORK_SETTLE_S = 0.1
 _SDK_THREAD_MODULES = ("opentelemetry", "grpc", "connwatch")
 

@@ -299,7 +299,8 @@ def _views(max_callsites: int) -> Dict[str, Any]:
         if "aggregation_cardinality_limit" not in inspect.signature(View.__init__).parameters:
             return {}
         limit = 2 * max_callsites + 64
-        return {"views": [View(instrument_name="connwatch.*", aggregation_cardinality_limit=limit)]}
+        view = View(instrument_name="connwatch.*", aggregation_cardinality_limit=limit)  # type: ignore[call-arg]
+        return {"views": [view]}
     except Exception:
         return {}
 

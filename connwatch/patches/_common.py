@@ -123,8 +123,9 @@ def arg(args: Tuple[Any, ...], kwargs: Dict[str, Any], index: int, name: str) ->
     return kwargs.get(name)
 
 
-def library_site(frame: FrameType) -> CallSite:
-    """An interned call site at a library frame, marked ``library`` (never blamed on the app)."""
+def library_site(frame: FrameType) -> Optional[CallSite]:
+    """An interned call site at a library frame, marked ``library`` (never blamed on the app);
+    None for the agent's own objects."""
     return _callsite.library_site(frame)
 
 

@@ -15,8 +15,6 @@ import pytest
 
 from tests.conftest import REPO, SCHEMA, clean_env, run_py
 
-pytest_plugins = ["pytester"]
-
 APP = Path(__file__).resolve().parent / "sockapp.py"
 
 
