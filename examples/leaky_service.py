@@ -68,7 +68,7 @@ def serve() -> None:
     server.serve_forever()
 
 
-def start_upstream() -> "tuple[subprocess.Popen[str], int]":
+def start_upstream() -> tuple[subprocess.Popen[str], int]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONNWATCH_")}
     proc = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None

@@ -1,0 +1,90 @@
+"""One benchmark measurement in a fresh interpreter (run by benchmarks/run.py).
+
+    python [-X tracemalloc=16 -W always::ResourceWarning] benchmarks/_work.py CONFIG WORKLOAD N TARGET
+
+CONFIG is how this interpreter was started (``none``, ``connwatch``, ``tracemalloc``,
+``otel``); for ``otel`` this process installs the OpenTelemetry requests/urllib3/grpc
+instrumentation with an SDK TracerProvider (spans recorded, not exported). Prints the median
+microseconds per operation over a few batches of N/5 operations, after a warm-up.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import sys
+import time
+from typing import Callable, List
+
+DEPTH = 40
+
+
+def deep(depth: int, fn: Callable[[], None]) -> None:
+    if depth:
+        deep(depth - 1, fn)
+    else:
+        fn()
+
+
+def main() -> None:
+    config, workload, n, target = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    if config == "otel":
+        from opentelemetry import trace
+        from opentelemetry.instrumentation.grpc import GrpcInstrumentorClient
+        from opentelemetry.instrumentation.requests import RequestsInstrumentor
+        from opentelemetry.instrumentation.urllib3 import URLLib3Instrumentor
+        from opentelemetry.sdk.trace import TracerProvider
+
+        trace.set_tracer_provider(TracerProvider())
+        RequestsInstrumentor().instrument()
+        URLLib3Instrumentor().instrument()
+        GrpcInstrumentorClient().instrument()
+
+    host, _, port = target.rpartition(":")
+    addr = (host, int(port))
+    op: Callable[[], None]
+    if workload.startswith("socket"):
+        def op() -> None:
+            socket.socket().close()
+    elif workload.startswith("connect"):
+        def op() -> None:
+            socket.create_connection(addr).close()
+    elif workload.startswith("requests"):
+        import requests
+
+        url = f"http://{target}/bench"
+
+        def op() -> None:
+            requests.get(url, timeout=10).content
+    elif workload.startswith("grpc"):
+        import grpc
+
+        def op() -> None:
+            ch = grpc.insecure_channel(target)
+            call = ch.unary_unary("/echo.Echo/Call")
+            call(b"x", timeout=10)
+            ch.close()
+    else:
+        raise SystemExit(f"unknown workload {workload}")
+
+    deep_stack = workload.endswith("@40")
+    batch = max(1, n // 5)
+
+    def run(count: int) -> float:
+        def loop() -> None:
+            for _ in range(count):
+                op()
+        t0 = time.perf_counter()
+        if deep_stack:
+            deep(DEPTH, loop)
+        else:
+            loop()
+        return (time.perf_counter() - t0) / count
+
+    run(max(1, batch // 2))  # warm-up: imports, caches, first call sites
+    samples: List[float] = [run(batch) for _ in range(5)]
+    print(f"{statistics.median(samples) * 1e6:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""connwatch overhead, side by side with the tools users would pick instead, in one run.
+
+    python benchmarks/run.py [--quick] [--rounds R] [--markdown]
+
+Every workload runs in a fresh interpreter per configuration, alternating configurations
+within each round; the result is the median over rounds of each run's median, and the
+ratio to the no-agent run of the same round set:
+
+  none         plain interpreter
+  connwatch    CONNWATCH_ENABLED=1 (the .pth hook starts the agent)
+  tracemalloc  CPython's own leak finder: -X tracemalloc=16 -W always::ResourceWarning
+  otel         OpenTelemetry requests/urllib3/grpc instrumentation, SDK TracerProvider
+
+Workloads: socket()+close; loopback TCP connect+close; an HTTP request on a new connection
+through requests; grpc channel create + one unary call + close; socket()+close and the grpc
+workload at a 40-frame user stack. Then: memory per live tracked client, the cost of one
+snapshot and one metric collection at 10 / 1,000 / 10,000 call sites, and interpreter
+start-up with the agent not installed, installed but off, and on.
+
+The servers run in their own processes on 127.0.0.1. This is a benchmark, not a test:
+nothing here asserts a time; --quick only shows it still runs (CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CONFIGS = ("none", "connwatch", "tracemalloc", "otel")
+# workload -> (ops per run full, ops per run quick, configs that apply)
+WORKLOADS: Dict[str, Tuple[int, int, Tuple[str, ...]]] = {
+    "socket()+close": (50000, 2000, ("none", "connwatch", "tracemalloc")),
+    "socket()+close@40": (50000, 2000, ("none", "connwatch", "tracemalloc")),
+    "connect+close (loopback TCP)": (5000, 300, ("none", "connwatch", "tracemalloc")),
+    "requests.get, new connection": (1500, 100, CONFIGS),
+    "grpc channel+call+close": (500, 50, CONFIGS),
+    "grpc channel+call+close@40": (500, 50, CONFIGS),
+}
+
+ACCEPT_SERVER = """\
+import socket, sys
+s = socket.create_server(("127.0.0.1", 0), backlog=1024)
+print(s.getsockname()[1], flush=True)
+while True:
+    c, _ = s.accept()
+    c.close()
+"""
+
+
+def _env(config: str, folder: str) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONNWATCH_", "OTEL_"))}
+    env["PYTHONPATH"] = str(REPO)
+    if config == "connwatch":
+        env["CONNWATCH_ENABLED"] = "1"
+        env["CONNWATCH_DIR"] = folder
+    return env
+
+
+class _Server:
+    def __init__(self, argv: List[str]) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONNWATCH_")}
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+        assert self.proc.stdout is not None
+        self.target = f"127.0.0.1:{int(self.proc.stdout.readline())}"
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _measure(config: str, workload: str, n: int, target: str, folder: str) -> Optional[float]:
+    flags = ["-X", "tracemalloc=16", "-W", "always::ResourceWarning"] if config == "tracemalloc" else []
+    proc = subprocess.run([sys.executable, *flags, str(HERE / "_work.py"), config, workload, str(n), target],
+                          env=_env(config, folder), capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        print(f"  [{config} {workload}] failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def overhead(rounds: int, quick: bool) -> List[Dict[str, Any]]:
+    """Median us/op per workload and configuration, alternating configurations per round."""
+    servers = {
+        "tcp": _Server([sys.executable, "-c", ACCEPT_SERVER]),
+        "http": _Server([sys.executable, str(REPO / "tests" / "servers.py"), "http"]),
+        "grpc": _Server([sys.executable, str(REPO / "tests" / "patches" / "grpc_server.py"), "sync"]),
+    }
+    folder = tempfile.mkdtemp(prefix="connwatch-bench-")
+    try:
+        results: Dict[str, Dict[str, List[float]]] = {w: {c: [] for c in CONFIGS} for w in WORKLOADS}
+        for r in range(rounds):
+            for workload, (n_full, n_quick, configs) in WORKLOADS.items():
+                target = servers["grpc" if "grpc" in workload else "http" if "requests" in workload else "tcp"].target
+                order = configs if r % 2 == 0 else tuple(reversed(configs))
+                for config in order:
+                    value = _measure(config, workload, n_quick if quick else n_full, target, folder)
+                    if value is not None:
+                        results[workload][config].append(value)
+            print(f"  round {r + 1}/{rounds} done", file=sys.stderr)
+    finally:
+        for s in servers.values():
+            s.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    rows = []
+    for workload, per in results.items():
+        base = statistics.median(per["none"]) if per["none"] else None
+        row: Dict[str, Any] = {"workload": workload}
+        for config in CONFIGS:
+            if per[config]:
+                med = statistics.median(per[config])
+                row[config] = {"us": med, "ratio": (med / base) if base else None,
+                               "added_us": (med - base) if base is not None else None}
+        rows.append(row)
+    return rows
+
+
+MEMORY = """\
+import gc, json, os, resource, socket, sys, tracemalloc
+n = int(sys.argv[1])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+want = n + 200
+try:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), max(hard, want)))
+except (ValueError, OSError):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    n = min(n, hard - 200)
+import connwatch
+connwatch.enable(dir=sys.argv[2], snapshot_interval=0)
+gc.collect()
+tracemalloc.start()
+before = tracemalloc.take_snapshot()
+socks = [socket.socket() for _ in range(n)]
+connwatch.snapshot()  # applies queued events
+after = tracemalloc.take_snapshot()
+ours = sum(s.size_diff for s in after.compare_to(before, "filename")
+           if "connwatch" in s.traceback[0].filename)
+print(json.dumps({"n": n, "bytes_per_client": ours / n, "live": connwatch.snapshot().live}))
+"""
+
+
+def memory(n: int) -> Dict[str, Any]:
+    """Bytes the agent allocates per live tracked socket (tracemalloc, agent files only)."""
+    folder = tempfile.mkdtemp(prefix="connwatch-bench-")
+    try:
+        proc = subprocess.run([sys.executable, "-c", MEMORY, str(n), folder], env=_env("none", folder),
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            return {"error": proc.stderr.strip().splitlines()[-1:]}
+        return dict(json.loads(proc.stdout))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def scale(reps: int) -> List[Dict[str, Any]]:
+    """One snapshot and one metric collection at 10 / 1,000 / 10,000 call sites, and 10,000
+    live clients over 10 sites (cost must follow sites, not clients)."""
+    sys.path.insert(0, str(REPO))
+    from connwatch import _registry, _snapshot
+    from connwatch._callsite import CallSite
+
+    try:
+        from connwatch.exporters._readings import Collector
+    except ImportError:  # pragma: no cover
+        Collector = None  # type: ignore[assignment,misc]
+
+    class Client:
+        pass
+
+    out = []
+    for sites, clients in ((10, 10), (1000, 1000), (10000, 10000), (10, 10000)):
+        _registry.clear()
+        keep = []
+        site_objs = [CallSite(f"/srv/app/mod{i % 97}.py", i, f"handler_{i}", False,
+                              ((f"/srv/app/mod{i % 97}.py", i, f"handler_{i}"),)) for i in range(sites)]
+        for j in range(clients):
+            c = Client()
+            keep.append(c)
+            _registry.track(c, "requests.Session", site_objs[j % sites], upstream="127.0.0.1:8080")
+        _registry.flush()
+        t_snap, t_dump, t_coll = [], [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            snap = _snapshot.take()
+            t1 = time.perf_counter()
+            snap.dumps()
+            t2 = time.perf_counter()
+            t_snap.append(t1 - t0)
+            t_dump.append(t2 - t1)
+            if Collector is not None:
+                col = Collector(max_callsites=max(sites, 1000), max_age_s=0.0)
+                t3 = time.perf_counter()
+                col.reading()
+                t_coll.append(time.perf_counter() - t3)
+        out.append({"call_sites": sites, "live_clients": clients,
+                    "snapshot_ms": statistics.median(t_snap) * 1e3,
+                    "json_ms": statistics.median(t_dump) * 1e3,
+                    "collection_ms": statistics.median(t_coll) * 1e3 if t_coll else None})
+        del keep
+    _registry.clear()
+    return out
+
+
+PTH = (REPO / "connwatch" / "connwatch.pth").read_text().strip()
+
+
+def _venv(path: Path, with_agent: bool) -> Path:
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    py = path / "bin" / "python"
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    if with_agent:
+        shutil.copytree(REPO / "connwatch", Path(site) / "connwatch",
+                        ignore=shutil.ignore_patterns("__pycache__", "connwatch.pth"))
+        (Path(site) / "connwatch.pth").write_text(PTH + "\n")
+        subprocess.run([str(py), "-m", "compileall", "-q", str(Path(site) / "connwatch")], check=True)
+    return py
+
+
+def startup(runs: int) -> Dict[str, Any]:
+    """Interpreter start: not installed, installed and off, installed and on (wall, median)."""
+    tmp = Path(tempfile.mkdtemp(prefix="connwatch-bench-"))
+    try:
+        plain = _venv(tmp / "plain", False)
+        agent = _venv(tmp / "agent", True)
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("CONNWATCH_", "OTEL_", "PYTHON"))}
+        cases = {
+            "not installed": (plain, base),
+            "installed, off": (agent, base),
+            "installed, on": (agent, {**base, "CONNWATCH_ENABLED": "1", "CONNWATCH_DIR": str(tmp / "s"),
+                                      "CONNWATCH_SNAPSHOT_INTERVAL": "0"}),
+        }
+        times: Dict[str, List[float]] = {k: [] for k in cases}
+        for _ in range(runs):
+            for name, (py, env) in cases.items():
+                t0 = time.perf_counter()
+                subprocess.run([str(py), "-c", "pass"], env=env, check=True)
+                times[name].append(time.perf_counter() - t0)
+        res: Dict[str, Any] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        # The hook line itself, when off: exec'd by site for every interpreter.
+        import timeit
+
+        res["pth line, off (us)"] = min(timeit.repeat(PTH, setup="import os", number=20000, repeat=5)) / 20000 * 1e6
+        # Main-thread cost of starting the agent, with the OTLP exporter configured: the SDK
+        # import must happen on the exporter's thread, not here.
+        code = ("import time, sys; t = time.perf_counter(); import connwatch.bootstrap as b; "
+                "b.start(exporter='otlp', snapshot_interval=0, dir=sys.argv[1]); "
+                "d = time.perf_counter() - t; import sys; "
+                "print(d * 1e3, 'opentelemetry.sdk.metrics' in sys.modules)")
+        env = {**base, "PYTHONPATH": str(REPO), "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}
+        main_ms = []
+        sdk_on_main = False
+        for _ in range(max(3, runs // 3)):
+            proc = subprocess.run([sys.executable, "-S", "-c", code, str(tmp / "s2")], env=env,
+                                  capture_output=True, text=True, timeout=60)
+            ms, sdk = proc.stdout.split()
+            main_ms.append(float(ms))
+            sdk_on_main = sdk_on_main or sdk == "True"
+        res["agent on + otlp, main-thread start (ms)"] = statistics.median(main_ms)
+        res["SDK imported on the main thread during start"] = sdk_on_main
+        return res
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"CPython {platform.python_version()}, {platform.system()} {platform.release()}, "
+            f"{os.cpu_count()} vCPU ({cpu})")
+
+
+def markdown(over: List[Dict[str, Any]], mem: Dict[str, Any], sc: List[Dict[str, Any]], st: Dict[str, Any]) -> str:
+    lines = [f"Measured on: {machine()}, {time.strftime('%Y-%m-%d')}", "",
+             "| workload | no agent | connwatch | tracemalloc=16 | OpenTelemetry |", "|---|---|---|---|---|"]
+    for row in over:
+        cells = []
+        for c in CONFIGS:
+            v = row.get(c)
+            if not v:
+                cells.append("n/a")
+            elif c == "none":
+                cells.append(f"{v['us']:.2f} µs")
+            else:
+                cells.append(f"{v['us']:.2f} µs (×{v['ratio']:.3f}, {v['added_us']:+.2f} µs)")
+        lines.append(f"| {row['workload']} | " + " | ".join(cells) + " |")
+    lines += ["", f"Memory per live tracked client: {mem.get('bytes_per_client', float('nan')):.0f} bytes "
+              f"(tracemalloc, agent allocations, {mem.get('n')} live sockets)", "",
+              "| call sites | live clients | snapshot | JSON | metric collection |", "|---|---|---|---|---|"]
+    for r in sc:
+        coll = f"{r['collection_ms']:.3f} ms" if r["collection_ms"] is not None else "n/a"
+        lines.append(f"| {r['call_sites']:,} | {r['live_clients']:,} | {r['snapshot_ms']:.3f} ms | "
+                     f"{r['json_ms']:.3f} ms | {coll} |")
+    lines += ["", "| start-up | value |", "|---|---|"]
+    for k, v in st.items():
+        lines.append(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: shows it still runs")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="print the raw results as JSON")
+    args = parser.parse_args()
+    rounds = 1 if args.quick else args.rounds
+    print(f"connwatch benchmarks on {machine()}", file=sys.stderr)
+    over = overhead(rounds, args.quick)
+    mem = memory(2000 if args.quick else 100_000)
+    sc = scale(3 if args.quick else 15)
+    st = startup(5 if args.quick else 41)
+    if args.json:
+        print(json.dumps({"machine": machine(), "overhead": over, "memory": mem, "scale": sc, "startup": st},
+                         indent=1))
+    else:
+        print(markdown(over, mem, sc, st))
+
+
+if __name__ == "__main__":
+    socket.setdefaulttimeout(None)
+    main()
