@@ -55,7 +55,7 @@ def main() -> None:
         url = f"http://{target}/bench"
 
         def op() -> None:
-            requests.get(url, timeout=10).content
+            _ = requests.get(url, timeout=10).content
     elif workload.startswith("grpc"):
         import grpc
 

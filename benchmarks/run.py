@@ -300,7 +300,7 @@ def markdown(over: List[Dict[str, Any]], mem: Dict[str, Any], sc: List[Dict[str,
             elif c == "none":
                 cells.append(f"{v['us']:.2f} µs")
             else:
-                cells.append(f"{v['us']:.2f} µs (×{v['ratio']:.3f}, {v['added_us']:+.2f} µs)")
+                cells.append(f"{v['us']:.2f} µs (x{v['ratio']:.3f}, {v['added_us']:+.2f} µs)")
         lines.append(f"| {row['workload']} | " + " | ".join(cells) + " |")
     lines += ["", f"Memory per live tracked client: {mem.get('bytes_per_client', float('nan')):.0f} bytes "
               f"(tracemalloc, agent allocations, {mem.get('n')} live sockets)", "",
