@@ -13,11 +13,37 @@ with no code change. Nothing here imports a third-party package.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from ._callsite import CallSite
-from ._guard import Leak, LeakError, guard
-from ._snapshot import Snapshot, SnapshotError, Statistic, StatisticDiff
+from ._limits import ClientCapExceeded
+
+# The snapshot and guard types load on first use (PEP 562): starting the agent from the
+# .pth hook must not import json, dataclasses and typing (milliseconds each).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Optional
+
+    from ._guard import Leak, LeakError, guard
+    from ._snapshot import Snapshot, SnapshotError, Statistic, StatisticDiff
+
+_LAZY = {
+    "Snapshot": "_snapshot", "SnapshotError": "_snapshot", "Statistic": "_snapshot",
+    "StatisticDiff": "_snapshot", "Leak": "_guard", "LeakError": "_guard", "guard": "_guard",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'connwatch' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"connwatch.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY))
 
 __version__ = "0.1.0"
 
@@ -80,5 +106,3 @@ def snapshot_path() -> Optional[str]:
 
     return bootstrap.snapshot_path()
 
-
-from ._limits import ClientCapExceeded  # noqa: E402

@@ -9,15 +9,17 @@ first time it is seen and never again.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import sys
 import threading
-from dataclasses import dataclass, field
-from types import FrameType
-from typing import Dict, Optional, Tuple
 
-Frame = Tuple[str, int, str]  # (file, line, function)
+# typing costs ~5 ms to import at interpreter start; annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import FrameType
+    from typing import Dict, Optional, Tuple
+
+    Frame = Tuple[str, int, str]  # (file, line, function)
 
 USER = 0
 STDLIB = 1  # stdlib, frozen modules, connwatch itself
@@ -31,15 +33,52 @@ OVERFLOW_FILE = "_other"
 SLOTS: dict = {"slots": True} if sys.version_info >= (3, 10) else {}
 
 
-@dataclass(frozen=True, **SLOTS)
 class CallSite:
-    """Where clients were created: the first user frame (file, line, function)."""
+    """Where clients were created: the first user frame (file, line, function).
 
+    Immutable and slotted (a hand-written class, not a dataclass: importing dataclasses costs
+    milliseconds at interpreter start). Equality and hash ignore the traceback.
+    """
+
+    __slots__ = ("file", "function", "library", "line", "traceback")
     file: str
     line: int
     function: str
-    library: bool = False
-    traceback: Tuple[Frame, ...] = field(default=(), compare=False, hash=False, repr=False)
+    library: bool
+    traceback: Tuple[Frame, ...]
+
+    def __init__(self, file: str, line: int, function: str, library: bool = False,
+                 traceback: Tuple[Frame, ...] = ()) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "file", file)
+        setattr_(self, "line", line)
+        setattr_(self, "function", function)
+        setattr_(self, "library", library)
+        setattr_(self, "traceback", traceback)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"CallSite is immutable (cannot set {name!r})")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"CallSite is immutable (cannot delete {name!r})")
+
+    def _key(self) -> Tuple[str, int, str, bool]:
+        return (self.file, self.line, self.function, self.library)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CallSite):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"CallSite(file={self.file!r}, line={self.line!r}, function={self.function!r}, "
+                f"library={self.library!r})")
+
+    def __reduce__(self) -> Tuple[object, Tuple[object, ...]]:
+        return (CallSite, (self.file, self.line, self.function, self.library, self.traceback))
 
     def format(self) -> str:
         """``file:line (function)``, the form reports and errors use."""
@@ -125,6 +164,8 @@ def _classify(filename: str) -> int:
         # "<frozen importlib._bootstrap>" is the import system; "<string>", "<stdin>" are user code.
         return STDLIB if filename.startswith("<frozen") else USER
     path = _norm(filename)
+    if st.app_globs or st.library_globs:
+        import fnmatch  # only when overrides are configured
     if st.app_globs and any(fnmatch.fnmatch(path, g) or fnmatch.fnmatch(filename, g) for g in st.app_globs):
         return USER
     if st.library_globs and any(

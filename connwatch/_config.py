@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Mapping, Optional, Tuple
 
 from . import _log
+
+# typing costs ~5 ms to import at interpreter start; annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Mapping, Optional, Tuple
 
 ENABLED = "CONNWATCH_ENABLED"
 DIR = "CONNWATCH_DIR"
@@ -50,9 +53,13 @@ def default_dir() -> str:
     if runtime and os.path.isdir(runtime):
         return os.path.join(runtime, "connwatch")
     uid = os.getuid() if hasattr(os, "getuid") else 0
-    import tempfile
+    if os.name == "posix":  # tempfile costs milliseconds to import at start; this is its rule here
+        tmp = next((os.environ[v] for v in ("TMPDIR", "TEMP", "TMP") if os.environ.get(v)), "/tmp")
+    else:  # pragma: no cover
+        import tempfile
 
-    return os.path.join(tempfile.gettempdir(), f"connwatch-{uid}")
+        tmp = tempfile.gettempdir()
+    return os.path.join(tmp, f"connwatch-{uid}")
 
 
 def _service_from_env(env: Mapping[str, str]) -> str | None:
@@ -66,26 +73,73 @@ def _service_from_env(env: Mapping[str, str]) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Config:
-    """The agent's settings, after validation."""
+_FIELDS: Tuple[Tuple[str, object], ...] = (
+    ("dir", None),  # None: default_dir()
+    ("snapshot_interval", 10.0),
+    ("exporters", ()),
+    ("cap", None),
+    ("cap_per_callsite", None),
+    ("cap_per_upstream", None),
+    ("cap_mode", "warn"),
+    ("disabled_patches", ()),
+    ("library_paths", ()),
+    ("app_paths", ()),
+    ("traceback_depth", 16),
+    ("span_events", True),
+    ("max_callsites", 1000),
+    ("service", None),
+    ("prometheus_host", "127.0.0.1"),
+    ("prometheus_port", 9464),
+)
 
-    dir: str = field(default_factory=default_dir)
-    snapshot_interval: float = 10.0
-    exporters: Tuple[str, ...] = ()
-    cap: Optional[int] = None
-    cap_per_callsite: Optional[int] = None
-    cap_per_upstream: Optional[int] = None
-    cap_mode: str = "warn"
-    disabled_patches: Tuple[str, ...] = ()
-    library_paths: Tuple[str, ...] = ()
-    app_paths: Tuple[str, ...] = ()
-    traceback_depth: int = 16
-    span_events: bool = True
-    max_callsites: int = 1000
-    service: Optional[str] = None
-    prometheus_host: str = "127.0.0.1"
-    prometheus_port: int = 9464
+
+class Config:
+    """The agent's settings, after validation (immutable; a plain slotted class because
+    importing dataclasses costs milliseconds at interpreter start)."""
+
+    __slots__ = tuple(name for name, _ in _FIELDS)
+    dir: str
+    snapshot_interval: float
+    exporters: Tuple[str, ...]
+    cap: Optional[int]
+    cap_per_callsite: Optional[int]
+    cap_per_upstream: Optional[int]
+    cap_mode: str
+    disabled_patches: Tuple[str, ...]
+    library_paths: Tuple[str, ...]
+    app_paths: Tuple[str, ...]
+    traceback_depth: int
+    span_events: bool
+    max_callsites: int
+    service: Optional[str]
+    prometheus_host: str
+    prometheus_port: int
+
+    def __init__(self, **values: Any) -> None:
+        for name, default in _FIELDS:
+            value = values.pop(name, default)
+            if name == "dir" and value is None:
+                value = default_dir()
+            object.__setattr__(self, name, value)
+        if values:
+            raise TypeError(f"unknown settings: {', '.join(sorted(values))}")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Config is immutable (cannot set {name!r})")
+
+    def _values(self) -> Tuple[object, ...]:
+        return tuple(getattr(self, name) for name, _ in _FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Config):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return "Config(" + ", ".join(f"{name}={getattr(self, name)!r}" for name, _ in _FIELDS) + ")"
 
 
 def _bad(name: str, raw: object, why: str, default: object) -> None:
@@ -232,20 +286,3 @@ def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, objec
             raw = env.get(var)
             values[key] = parse(raw, env)
     return Config(**values)
-
-
-def as_env(config: Config) -> dict[str, str]:
-    """The environment variables that reproduce ``config`` (for ``connwatch run``)."""
-    out: dict[str, str] = {}
-    for f in fields(config):
-        var = _PARSERS[f.name][0]
-        value = getattr(config, f.name)
-        if value is None:
-            continue
-        if isinstance(value, tuple):
-            out[var] = ",".join(value) if value else ("none" if f.name == "exporters" else "")
-        elif isinstance(value, bool):
-            out[var] = "1" if value else "0"
-        else:
-            out[var] = str(value)
-    return out

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import sys
 import threading
-from importlib.abc import MetaPathFinder
-from importlib.machinery import ModuleSpec
 from types import ModuleType
-from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import _log
 
-Hook = Callable[[ModuleType], None]
+# typing costs ~5 ms to import at interpreter start; annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from importlib.machinery import ModuleSpec
+    from typing import Any, Callable, Dict, List, Optional, Sequence
+
+    Hook = Callable[[ModuleType], None]
 
 _hooks: Dict[str, List[Hook]] = {}
 _lock = threading.RLock()
@@ -57,7 +60,9 @@ class _Loader:
         _run_hooks(self._name, sys.modules.get(self._name, module))
 
 
-class _Finder(MetaPathFinder):
+class _Finder:
+    """A meta path finder (duck-typed: importlib.abc costs milliseconds to import)."""
+
     def find_spec(self, fullname: str, path: Optional[Sequence[str]], target: Any = None) -> Optional[ModuleSpec]:
         if fullname not in _hooks or getattr(_busy, fullname, False):
             return None

@@ -11,10 +11,14 @@ atomically in the registry, so racing threads never let more than the limit thro
 from __future__ import annotations
 
 import errno
-from typing import Any, Dict, List, Optional, Tuple
 
 from . import _log, _registry
 from ._callsite import CallSite
+
+# typing costs ~5 ms to import at interpreter start; annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional, Tuple
 
 WARN_PERIOD_S = 60.0
 _VARS = {"process": "CONNWATCH_CAP", "callsite": "CONNWATCH_CAP_PER_CALLSITE",

@@ -28,9 +28,13 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from ._callsite import CallSite
+
+# typing costs ~5 ms to import at interpreter start; annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Deque, Dict, List, Optional, Tuple
 
 _monotonic = time.monotonic
 _getweakrefs = weakref.getweakrefs
@@ -65,10 +69,11 @@ class _Stat:
         self.upstreams: Dict[str, List[int]] = {}
 
 
-# Raw record handed to the snapshot: (kind, role, site, live, created, gc_released,
-# oldest_born or None, ((upstream, live, created), ...))
-Record = Tuple[str, Optional[str], CallSite, int, int, int, Optional[float], Tuple[Tuple[str, int, int], ...]]
-Reservation = Tuple[CallSite, Optional[str]]
+if TYPE_CHECKING:
+    # Raw record handed to the snapshot: (kind, role, site, live, created, gc_released,
+    # oldest_born or None, ((upstream, live, created), ...))
+    Record = Tuple[str, Optional[str], CallSite, int, int, int, Optional[float], Tuple[Tuple[str, int, int], ...]]
+    Reservation = Tuple[CallSite, Optional[str]]
 
 _lock = threading.RLock()
 _busy = False

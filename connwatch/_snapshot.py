@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import json
 import os
-import socket as _socket_mod
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from . import _fds, _leaks, _registry
-from ._callsite import SLOTS, CallSite, Frame
+from . import _fds, _leaks, _process, _registry
+from ._callsite import SLOTS, CallSite
+from ._process import hostname, set_cap_info, set_process
+
+if TYPE_CHECKING:
+    from ._callsite import Frame
+
+__all__ = ["GROUPS", "SCHEMA", "Snapshot", "SnapshotError", "Statistic", "StatisticDiff", "from_dict", "hostname",
+           "read_json", "set_cap_info", "set_process", "take", "write_atomic"]
 
 SCHEMA = "connwatch.snapshot/1"
 SCHEMA_PREFIX = "connwatch.snapshot/"
@@ -359,26 +365,6 @@ def from_dict(data: Mapping[str, Any], source: str = "<snapshot>") -> Snapshot:
 
 # --- taking a snapshot of this process -------------------------------------------------------
 
-class _Process:
-    """Facts about this process that a snapshot carries; reset in a forked child."""
-
-    started: float = time.time()
-    service: Optional[str] = None
-    cap_info: Any = None  # callable returning the snapshot's "cap" object
-
-
-def set_process(service: Optional[str] = None, started: Optional[float] = None) -> None:
-    """Record the service name and start time that snapshots of this process report."""
-    _Process.service = service
-    if started is not None:
-        _Process.started = started
-
-
-def set_cap_info(provider: Any) -> None:
-    """Set the callable that describes the cap settings and hits for snapshots."""
-    _Process.cap_info = provider
-
-
 def take(final: bool = False, records: Optional[Iterable[_registry.Record]] = None,
          sample: bool = False) -> Snapshot:
     """Snapshot the registry now. Cost grows with the number of call sites, not clients.
@@ -407,33 +393,13 @@ def take(final: bool = False, records: Optional[Iterable[_registry.Record]] = No
     if len(fd_points) >= 2:
         extra["fd_exhaustion"] = _leaks.fd_exhaustion(
             fd_points, fds_limit, ((k, g) for k, g in growths if g is not None))
-    cap: Dict[str, Any] = {}
-    if _Process.cap_info is not None:
-        try:
-            cap = dict(_Process.cap_info())
-        except Exception:
-            cap = {}
+    cap = _process.cap_info()
     return Snapshot(
         stats=tuple(stats), time=now, pid=os.getpid(), host=hostname(),
-        service=_Process.service, argv=tuple(sys.argv), started=_Process.started,
+        service=_process.service(), argv=tuple(sys.argv), started=_process.started(),
         fds_open=fds_open, fds_limit=fds_limit, cap=cap, final=final, extra=extra,
     )
 
 
-_hostname: Optional[str] = None
-
-
-def hostname() -> str:
-    """This host's name (cached; gethostname opens no socket)."""
-    global _hostname
-    if _hostname is None:
-        try:
-            _hostname = _socket_mod.gethostname() or "localhost"
-        except OSError:  # pragma: no cover
-            _hostname = "localhost"
-    return _hostname
-
-
 def _after_fork_child() -> None:
-    _Process.started = time.time()
     _leaks.TRACKER.reset()

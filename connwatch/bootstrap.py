@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import threading
 import time
-from typing import Any, Optional
 
-from . import _callsite, _config, _forksafe, _limits, _log, _registry, _snapshot
+from . import _callsite, _config, _forksafe, _limits, _log, _process, _registry
 from ._config import Config
+
+# typing costs ~5 ms to import at interpreter start; annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Optional
 
 _lock = threading.RLock()
 
@@ -60,13 +65,11 @@ def _start(overrides: dict[str, object]) -> None:
     cfg = _config.load(None, overrides)
     _State.config = cfg
     _callsite.configure(cfg.library_paths, cfg.app_paths, cfg.traceback_depth)
-    _snapshot.set_process(service=cfg.service, started=time.time())
+    _process.set_process(service=cfg.service, started=time.time())
     _limits.configure(cfg.cap, cfg.cap_per_callsite, cfg.cap_per_upstream, cfg.cap_mode)
-    _snapshot.set_cap_info(_limits.describe)
+    _process.set_cap_info(_limits.describe)
     from . import patches
-    from .patches import stdlib_socket
 
-    stdlib_socket.before_connect = _limits.socket_connect_check if _limits.active() else None
     patches.install(cfg.disabled_patches)
     _State.writer = _make_writer(cfg)
     if _State.writer is not None:
@@ -123,9 +126,7 @@ def stop(final_write: bool = True) -> None:
 
 def _stop(final_write: bool) -> None:
     from . import patches
-    from .patches import stdlib_socket
 
-    stdlib_socket.before_connect = None
     patches.uninstall()
     _limits.configure()
     _limits.reset()
@@ -154,7 +155,10 @@ def _at_exit() -> None:
 
 def _after_fork_child() -> None:
     _registry._after_fork_child()
-    _snapshot._after_fork_child()
+    _process.after_fork_child()
+    snapshot_module = sys.modules.get("connwatch._snapshot")
+    if snapshot_module is not None:
+        snapshot_module._after_fork_child()
     global _lock
     _lock = threading.RLock()
     writer = _State.writer

@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, List, Optional, Set, Tuple
 
 from .. import _callsite, _log
-from . import _readings
+
+# typing costs ~5 ms to import at interpreter start; annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, List, Optional, Set, Tuple
+
+    from . import _readings
 
 THREAD_NAME = "connwatch-exporter"
 STOP_TIMEOUT_S = 2.0  # the longest stop() (and so the app's exit) waits for a final export
@@ -40,6 +45,8 @@ class _Run:
         self.thread: Optional[threading.Thread] = None
         self.pipelines: List[Any] = []
         self.prometheus: Any = None
+        from . import _readings  # with an exporter configured only: typing, dataclasses
+
         self.collector = _readings.Collector(getattr(config, "max_callsites", 1000))
         self.idents: Set[int] = set()
         self.pid = os.getpid()
@@ -89,7 +96,10 @@ def _main(run: _Run, names: Tuple[str, ...]) -> None:
         if run.forked and run.stop.wait(FORK_SETTLE_S):
             return
         before = set(threading.enumerate())
-        _setup(run, names)
+        from .. import _forksafe
+
+        with _forksafe.import_guard():  # the SDK imports: a fork waits for them (see _forksafe)
+            _setup(run, names)
         _register_new_threads(run, before)
     except Exception:
         # An app that exits while we still import (grpc registers atexit hooks at import)

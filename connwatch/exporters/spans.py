@@ -9,10 +9,12 @@ app imports it, and ``set_tracer_provider`` is wrapped to re-check when the app 
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, Optional
 
 from .. import _importhook, _log, _registry
-from . import _readings
+
+TYPE_CHECKING = False  # typing costs ~5 ms at interpreter start; annotations are strings here
+if TYPE_CHECKING:
+    from typing import Any, Optional
 
 EVENT = "connwatch.client.created"
 _MODULE = "opentelemetry.trace"
@@ -85,6 +87,8 @@ def _on_track(obj: object, kind: str, site: Any, upstream: Optional[str]) -> Non
     span = _State.get_current_span()  # type: ignore[attr-defined]
     if not span.is_recording():
         return
+    from . import _readings  # loaded once spans are recorded, not at start
+
     attrs: dict = {_readings.KIND: kind, _readings.FILE: site.file, _readings.LINE: site.line,
                    _readings.FUNCTION: site.function}
     if upstream is not None:
