@@ -185,7 +185,7 @@ def socket_connect_check(sock: Any, address: Any) -> Optional[_registry.Reservat
             return None
         from .patches.stdlib_socket import upstream_of
 
-        upstream = upstream_of(getattr(sock, "family", 0), address)
+        upstream = upstream_of(address)
     except Exception:
         _log.internal_error("cap check (socket)")
         return None

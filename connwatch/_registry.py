@@ -41,8 +41,13 @@ _getweakrefs = weakref.getweakrefs
 
 
 class _Ref(weakref.ref):  # type: ignore[type-arg]
-    __slots__ = ("born", "closed", "next", "prev", "stat", "upstream")
+    __slots__ = ("born", "closed", "next", "prev", "stat", "upstream", "want_role", "want_up")
     closed: bool  # a release event was queued
+    # The role and upstream the app asked for, set without the lock: the applied ones are
+    # the stat's role and ``upstream``. A role change made before the object's track event
+    # is applied needs no event of its own (see _add and set_role).
+    want_role: Optional[str]
+    want_up: Optional[str]
     stat: Optional[_Stat]
     born: float
     upstream: Optional[str]
@@ -94,6 +99,7 @@ _res_up: Dict[str, int] = {}
 on_track: Optional[Any] = None
 
 _TRACK, _RELEASE, _GC, _ROLE, _TRANSFER, _UNRESERVE = range(6)
+_APPLYING: Any = object()  # ref.stat while its track event is being applied
 
 
 def _on_collected(ref: _Ref, _append: Any = _append, _gc: int = _GC) -> None:
@@ -133,12 +139,16 @@ def _consume(res: Reservation) -> None:
             _res_up.pop(upstream, None)
 
 
-def _add(ref: _Ref, kind: str, role: Optional[str], site: CallSite, upstream: Optional[str],
-         res: Optional[Reservation]) -> None:
+def _add(ref: _Ref, kind: str, site: CallSite, res: Optional[Reservation]) -> None:
     if res is not None:
         _consume(res)
     if ref.stat is not None:
         return
+    # Mark the ref before reading the wanted role: a set_role() racing with us either wrote
+    # before our read, or sees the mark and queues a role event (applied after this).
+    ref.stat = _APPLYING
+    role = ref.want_role
+    upstream = ref.want_up
     key = (kind, role, id(site))  # sites are interned; hashing the dataclass would cost more
     stat = _stats.get(key)
     if stat is None:
@@ -214,14 +224,14 @@ def _remove(ref: _Ref, collected: bool, uncount: bool = False) -> None:
             _upstream_live.pop(up, None)
 
 
-def _set_role(ref: _Ref, role: Optional[str], upstream: Optional[str], res: Optional[Reservation]) -> None:
+def _set_role(ref: _Ref, res: Optional[Reservation]) -> None:
     stat = ref.stat
-    if stat is None or (stat.role == role and ref.upstream == upstream):
+    if stat is None or (stat.role == ref.want_role and ref.upstream == ref.want_up):
         if res is not None:
             _consume(res)
         return
     _remove(ref, False, uncount=True)
-    _add(ref, stat.kind, role, stat.site, upstream, res)
+    _add(ref, stat.kind, stat.site, res)
 
 
 def _transfer(old: _Ref, new: _Ref) -> None:
@@ -232,9 +242,10 @@ def _transfer(old: _Ref, new: _Ref) -> None:
     if cur is not None:
         _remove(cur, False, uncount=True)  # the new object was counted on its own: undo that
     new.born = old.born
-    upstream = old.upstream
+    new.want_role = stat.role
+    new.want_up = old.upstream
     _remove(old, False, uncount=True)
-    _add(new, stat.kind, stat.role, stat.site, upstream, None)
+    _add(new, stat.kind, stat.site, None)
 
 
 def _ref_of_live(ref: _Ref) -> Optional[_Ref]:
@@ -250,14 +261,14 @@ def _ref_of_live(ref: _Ref) -> Optional[_Ref]:
 
 def _apply(op: Tuple[Any, ...]) -> None:
     tag = op[0]
-    if tag == _GC:
-        _remove(op[1], True)
+    if tag == _TRACK:
+        _add(op[1], op[2], op[3], op[4])
     elif tag == _RELEASE:
         _remove(op[1], False)
-    elif tag == _TRACK:
-        _add(*op[1:])
+    elif tag == _GC:
+        _remove(op[1], True)
     elif tag == _ROLE:
-        _set_role(op[1], op[2], op[3], op[4])
+        _set_role(op[1], op[2])
     elif tag == _TRANSFER:
         _transfer(op[1], op[2])
     elif tag == _UNRESERVE:
@@ -265,14 +276,18 @@ def _apply(op: Tuple[Any, ...]) -> None:
 
 
 def _drain() -> None:
-    """Apply the queued events (lock held, ``_busy`` set). Events queued while this runs, by
-    other threads or by the GC, are applied too, up to the count queued at the start plus
-    those: a read sees every event queued before it."""
+    """Apply the queued events (lock held, ``_busy`` set), including those queued meanwhile
+    by other threads or by the GC: a read sees every event queued before it."""
     pop = _events.popleft
     while _events:
         op = pop()
         try:
-            _apply(op)
+            if op[0] == _TRACK:  # the common events inline: this loop is the registry's cost
+                _add(op[1], op[2], op[3], op[4])
+            elif op[0] == _RELEASE:
+                _remove(op[1], False)
+            else:
+                _apply(op)
         except Exception:
             from . import _log
 
@@ -306,8 +321,10 @@ def track(obj: object, kind: str, site: CallSite, role: Optional[str] = None,
     ref = _Ref(obj, _on_collected)
     ref.stat = None
     ref.closed = False
+    ref.want_role = role
+    ref.want_up = upstream
     ref.born = _monotonic()
-    _append((_TRACK, ref, kind, role, site, upstream, reservation))
+    _append((_TRACK, ref, kind, site, reservation))
     if len(_events) > _BATCH:
         flush()
     hook = on_track
@@ -337,7 +354,13 @@ def set_role(obj: object, role: Optional[str], upstream: Optional[str] = None,
     """Move a tracked object to another role (a socket that connected or listened)."""
     ref = _ref_of(obj)
     if ref is not None:
-        _append((_ROLE, ref, role, upstream, reservation))
+        ref.want_role = role
+        ref.want_up = upstream
+        # Not yet applied (the usual case: a socket connects right after it is made): the
+        # track event will read the wanted role. Otherwise (or with a reservation to hand
+        # over) an event moves it.
+        if ref.stat is not None or reservation is not None:
+            _append((_ROLE, ref, reservation))
     elif reservation is not None:
         _append((_UNRESERVE, reservation))
     if len(_events) > _BATCH:

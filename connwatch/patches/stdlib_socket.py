@@ -52,8 +52,27 @@ _OK_CONNECT_EX = frozenset({0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALRE
 before_connect: Callable[[Any, Any], Any] = _limits.socket_connect_check
 
 
-def upstream_of(family: int, address: Any) -> Optional[str]:
-    """``host:port`` (``[v6]:port``, ``unix:/path``) for a socket address; no credentials."""
+_upstreams: Dict[Any, Optional[str]] = {}  # address -> upstream; bounded, see upstream_of
+
+
+def upstream_of(address: Any) -> Optional[str]:
+    """``host:port`` (``[v6]:port``, ``unix:/path``) for a socket address; no credentials.
+
+    Cached per address (formatting costs more than the lookup on the connect path).
+    """
+    try:
+        up = _upstreams.get(address)
+    except TypeError:  # an unhashable address: format it every time
+        return _format(address)
+    if up is None:
+        up = _format(address)
+        if len(_upstreams) >= 4096:
+            _upstreams.clear()
+        _upstreams[address] = up
+    return up
+
+
+def _format(address: Any) -> Optional[str]:
     try:
         if isinstance(address, tuple) and len(address) >= 2:
             host = address[0]
@@ -86,7 +105,7 @@ def _inspect(sock: socket.socket) -> Tuple[Optional[str], Optional[str]]:
         return None, None
     if not peer and sock.family == getattr(socket, "AF_UNIX", -1):
         return "pair", None  # unnamed peer: a socketpair end
-    return "client", upstream_of(sock.family, peer)
+    return "client", upstream_of(peer)
 
 
 def _make_wrappers() -> Dict[str, Any]:
@@ -160,7 +179,7 @@ def _make_wrappers() -> Dict[str, Any]:
 
     def _connected(self: socket.socket, address: Any, res: Any) -> None:
         try:
-            set_role(self, "client", upstream_of(self.family, address), res)
+            set_role(self, "client", upstream_of(address), res)
         except Exception:
             internal_error("socket.connect")
 
