@@ -446,6 +446,11 @@ def is_tracked(obj: object) -> bool:
     return _ref_of(obj) is not None
 
 
+def ever_tracked() -> bool:
+    """Whether anything was ever tracked in this process (cheap: no lock, no drain)."""
+    return bool(_stats) or bool(_events)
+
+
 def live_total() -> int:
     """Live tracked objects in the process (exact after pending collections are applied)."""
     flush()

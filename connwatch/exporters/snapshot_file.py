@@ -12,7 +12,7 @@ import stat
 import sys
 import threading
 
-from .. import _log, _process
+from .. import _log, _process, _registry
 
 # typing costs ~5 ms to import at interpreter start; annotations are strings here.
 TYPE_CHECKING = False
@@ -93,6 +93,10 @@ class SnapshotWriter:
     def write(self, final: bool = False) -> bool:
         """Write the snapshot file now; returns whether it was written. Never raises."""
         if self._pid != os.getpid() or self._closed:
+            return False
+        if not _registry.ever_tracked():
+            # A process that never made a client (a build tool, a short script) leaves no
+            # file, and pays nothing at exit: a whole environment may run with the agent on.
             return False
         try:
             from .. import _snapshot  # first use on the writer's thread: json etc. load here

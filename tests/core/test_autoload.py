@@ -125,3 +125,15 @@ def test_wheel_contains_the_pth_hook(tmp_path: Path) -> None:
     assert "connwatch/bootstrap.py" in names and "connwatch/py.typed" in names
     line = zipfile.ZipFile(wheel).read("connwatch.pth").decode().strip()
     assert line.startswith("import ") and "\n" not in line
+
+
+def test_a_process_that_made_no_client_leaves_no_file(tmp_path: Path) -> None:
+    out = tmp_path / "snap"
+    proc = run_py(["-c", "import connwatch; print(connwatch.is_enabled())"], CONNWATCH_ENABLED="1",
+                  CONNWATCH_DIR=str(out), CONNWATCH_SNAPSHOT_INTERVAL="0.05")
+    assert proc.returncode == 0 and proc.stdout == "True\n" and proc.stderr == ""
+    assert list(out.glob("*.json")) == []
+    proc = run_py(["-c", "import socket, time; s = socket.socket(); time.sleep(0.3)"], CONNWATCH_ENABLED="1",
+                  CONNWATCH_DIR=str(out), CONNWATCH_SNAPSHOT_INTERVAL="0.05")
+    assert proc.returncode == 0
+    assert len(list(out.glob("*.json"))) == 1
