@@ -29,3 +29,7 @@ fi
 echo "== ruff"; .venv/bin/ruff check connwatch tests examples benchmarks sitecustomize_example
 echo "== mypy"; .venv/bin/mypy
 echo "== pytest"; .venv/bin/python -m pytest "$@"
+# The benchmark is not a test: a quick run only shows it still runs (timings are not checked).
+if [ "$#" -eq 0 ]; then
+  echo "== benchmark (quick)"; .venv/bin/python benchmarks/run.py --quick > /dev/null
+fi
