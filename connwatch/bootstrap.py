@@ -71,12 +71,23 @@ def _start(overrides: dict[str, object]) -> None:
     from . import patches
 
     patches.install(cfg.disabled_patches)
+    from . import _mp
+
+    _mp.install(_at_exit)  # multiprocessing children end with os._exit: a final write anyway
     _State.writer = _make_writer(cfg)
     if _State.writer is not None:
         _State.writer.start()
     # Metric exporters and span events; heavy imports happen off this thread, and with
     # nothing configured this returns at once.
     from . import exporters
+
+    if any(name in ("otlp", "console") for name in cfg.exporters):
+        # The exporter thread imports grpc, which imports concurrent.futures.thread: a module
+        # that registers a before/after_in_parent pair of fork hooks. Registered by another
+        # thread while this one is inside os.fork(), only the parent half runs, and os.fork()
+        # prints "release unlocked lock" in the app. Imported here (~1.5 ms), it is in place
+        # before the exporter thread exists.
+        import concurrent.futures.thread  # noqa: F401
 
     exporters.start(cfg)
     if not _State.fork_registered:
@@ -128,6 +139,9 @@ def _stop(final_write: bool) -> None:
     from . import patches
 
     patches.uninstall()
+    from . import _mp
+
+    _mp.uninstall()
     _limits.configure()
     _limits.reset()
     writer, _State.writer = _State.writer, None
