@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 
-from .. import _callsite, _log
+from .. import _callsite, _log, _threads
 
 # typing costs ~5 ms to import at interpreter start; annotations are strings here.
 TYPE_CHECKING = False
@@ -90,6 +90,13 @@ def _spawn(run: _Run, names: Tuple[str, ...]) -> None:
 
 def _main(run: _Run, names: Tuple[str, ...]) -> None:
     """The exporter thread: imports and set-up, then the export loop, then a final export."""
+    try:
+        _work(run, names)
+    finally:
+        _threads.before_exit(run.thread)  # threading patched by gevent since we started
+
+
+def _work(run: _Run, names: Tuple[str, ...]) -> None:
     try:
         _callsite.register_agent_thread()
         run.idents.add(threading.get_ident())

@@ -12,7 +12,7 @@ import stat
 import sys
 import threading
 
-from .. import _log, _process, _registry
+from .. import _log, _process, _registry, _threads
 
 # typing costs ~5 ms to import at interpreter start; annotations are strings here.
 TYPE_CHECKING = False
@@ -85,10 +85,14 @@ class SnapshotWriter:
         with _forksafe.import_guard():  # see _forksafe: no fork in the middle of this import
             from .. import _snapshot  # noqa: F401
         stop = self._stop
-        while not stop.wait(self.interval):
-            if self._pid != os.getpid():  # pragma: no cover - a forked copy of this thread's object
-                return
-            self.write()
+        me = self._thread
+        try:
+            while not stop.wait(self.interval):
+                if self._pid != os.getpid():  # pragma: no cover - a forked copy of this thread's object
+                    return
+                self.write()
+        finally:
+            _threads.before_exit(me)  # threading patched by gevent since we started
 
     def write(self, final: bool = False) -> bool:
         """Write the snapshot file now; returns whether it was written. Never raises."""

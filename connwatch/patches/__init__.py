@@ -25,6 +25,7 @@ PATCHES: Dict[str, Tuple[str, str]] = {
     "requests": ("requests", "connwatch.patches.requests_session"),
     "httpx": ("httpx", "connwatch.patches.httpx_client"),
     "aiohttp": ("aiohttp", "connwatch.patches.aiohttp_session"),
+    "gevent": ("gevent._socket3", "connwatch.patches.gevent_socket"),  # gevent's socket class
 }
 
 _installed: Dict[str, Callable[[ModuleType], None]] = {}

@@ -108,8 +108,11 @@ def _inspect(sock: socket.socket) -> Tuple[Optional[str], Optional[str]]:
     return "client", upstream_of(peer)
 
 
-def _make_wrappers() -> Dict[str, Any]:
-    orig: Dict[str, Any] = {name: getattr(owner, name) for owner, name in _TARGETS}
+def _make_wrappers(orig: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The wrappers around ``orig`` (name -> original; default: the stdlib's). gevent's socket
+    class has the same methods and signatures, so its patch reuses these."""
+    if orig is None:
+        orig = {name: getattr(owner, name) for owner, name in _TARGETS}
     o_init = orig["__init__"]
     o_real_close = orig["_real_close"]
     o_detach = orig["detach"]
