@@ -9,6 +9,10 @@
 
 Set ``CONNWATCH_ENABLED=1`` to load the agent in every Python process of the environment
 with no code change. Nothing here imports a third-party package.
+
+PYTEST_DONT_REWRITE: the agent is imported at interpreter start (before pytest) and ships a
+pytest plugin, so pytest would warn that it cannot rewrite this package; under
+``filterwarnings = error`` that warning stops the whole test session.
 """
 
 from __future__ import annotations
