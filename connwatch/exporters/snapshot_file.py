@@ -107,7 +107,14 @@ class SnapshotWriter:
 
             snap = _snapshot.take(final=final, sample=True)  # one leak-window sample per write
             path = self.path
-            _snapshot.write_atomic(path, snap.dumps().encode("utf-8"))
+            data = snap.dumps().encode("utf-8")
+            # Checked at every write (a few syscalls): a folder removed while we run (a tmp
+            # cleaner, an operator) is made again, 0700; one another user re-created in its
+            # place is refused, so our file never lands in a folder they control.
+            reason = prepare_dir(self.folder)
+            if reason is not None:
+                raise OSError(f"the folder is not usable: {reason}")
+            _snapshot.write_atomic(path, data)
             return True
         except Exception as e:
             _log.warn_every(
