@@ -32,4 +32,6 @@ echo "== pytest"; .venv/bin/python -m pytest "$@"
 # The benchmark is not a test: a quick run only shows it still runs (timings are not checked).
 if [ "$#" -eq 0 ]; then
   echo "== benchmark (quick)"; .venv/bin/python benchmarks/run.py --quick > /dev/null
+  # urllib3's and requests' own test suites, with the agent on and off: the same tests pass.
+  echo "== compat"; .venv/bin/python tests/compat/run_compat.py
 fi

@@ -1,0 +1,233 @@
+"""Run the test suites of urllib3 and requests with the agent on and off; the same tests must pass.
+
+    python tests/compat/run_compat.py [--venv .venv-compat] [--keep] [--only urllib3|requests]
+
+Steps: fetch the source distributions of the urllib3 and requests versions installed in the
+project's venv (``pip download --no-binary :all:``), build a separate venv with their test
+requirements, the two packages from those sources and this checkout (its wheel, so the
+``connwatch.pth`` hook is installed); run each suite twice with the same selection, once with
+``CONNWATCH_ENABLED=1`` and once without, each with a JUnit report; compare the outcomes per
+test. Tests that pass without the agent and fail with it are re-run (both ways, twice) to tell
+flaky tests from real breakage. Exit status 1 when any test still fails only with the agent.
+
+Only loopback and the package registry are reachable in CI: urllib3's tests that need the
+Internet are deselected with its own ``requires_network`` marker; requests' tests run against
+local pytest-httpbin servers (a test that reaches the Internet fails both ways, so compares
+equal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from importlib import metadata
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_PER_TEST = "60"
+
+# suite -> (source folder inside the sdist, pytest arguments); the same arguments both ways
+SUITES: Dict[str, List[str]] = {
+    "urllib3": ["test", "-m", "not requires_network and not integration"],
+    "requests": ["tests"],
+}
+# Test requirements not named in the sdists in a form pip reads (urllib3 keeps them in a PEP 735
+# dependency group, requests in a requirements file with an editable self-install).
+URLLIB3_FALLBACK = ["anyio[trio]>=4.8.0", "h2>=4.1.0", "httpx>=0.28.1", "hypercorn>=0.15.0", "pysocks>=1.7.1",
+                    "pytest>=8.3.4", "pytest-socket>=0.7.0", "pytest-timeout>=2.3.1", "quart>=0.20.0",
+                    "quart-trio>=0.12.0", "trio>=0.27.0"]
+EXTRA = ["trustme", "cryptography", "idna", "pyopenssl", "pytest-timeout", "wrapt", "psutil"]
+
+Outcome = str  # passed | failed | skipped
+
+
+def sh(cmd: List[str], **kw: object) -> subprocess.CompletedProcess:
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, check=True, **kw)  # type: ignore[call-overload,no-any-return]
+
+
+def installed_version(name: str) -> str:
+    return metadata.version(name)
+
+
+def urllib3_test_requirements(src: Path) -> List[str]:
+    try:
+        import tomllib  # type: ignore[import-not-found]
+    except ImportError:  # Python < 3.11
+        return URLLIB3_FALLBACK
+    data = tomllib.loads((src / "pyproject.toml").read_text())
+    group = data.get("dependency-groups", {}).get("test")
+    return [g for g in group if isinstance(g, str)] if group else URLLIB3_FALLBACK
+
+
+def requests_test_requirements(src: Path) -> List[str]:
+    out = []
+    req = src / "requirements-dev.txt"
+    for line in req.read_text().splitlines() if req.exists() else []:
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-e") and not line.startswith("pytest-cov"):
+            out.append(line)
+    return out or ["pytest", "pytest-httpbin", "httpbin", "trustme"]
+
+
+def build_venv(venv: Path, work: Path, only: Optional[str]) -> Dict[str, Path]:
+    versions = {"urllib3": installed_version("urllib3"), "requests": installed_version("requests")}
+    dl = work / "sdists"
+    dl.mkdir(parents=True, exist_ok=True)
+    sh([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps", "-d", str(dl),
+        *[f"{n}=={v}" for n, v in versions.items()]])
+    srcs: Dict[str, Path] = {}
+    for name, version in versions.items():
+        (archive,) = glob.glob(str(dl / f"{name}-{version}.tar.gz"))
+        with tarfile.open(archive) as tar:
+            tar.extractall(work)  # the registry's own sdist of a pinned version
+        srcs[name] = work / f"{name}-{version}"
+    if not (venv / "bin" / "python").exists():
+        sh([sys.executable, "-m", "venv", str(venv)])
+    py = str(venv / "bin" / "python")
+    reqs = urllib3_test_requirements(srcs["urllib3"]) + requests_test_requirements(srcs["requests"]) + EXTRA
+    sh([py, "-m", "pip", "install", "-q", *reqs])
+    # The packages under test from their sources (non-editable), then this checkout's wheel
+    # (with its connwatch.pth): none of them replaced by a dependency resolution later.
+    sh([py, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(srcs["urllib3"]),
+        str(srcs["requests"]) + "[socks]"])
+    sh([py, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(REPO)])
+    return {k: v for k, v in srcs.items() if only in (None, k)}
+
+
+def run_suite(venv: Path, src: Path, args: List[str], agent: bool, report: Path, snaps: Path,
+              extra: Tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONNWATCH_", "OTEL_", "PYTEST_"))}
+    env.pop("PYTHONPATH", None)
+    if agent:
+        env.update(CONNWATCH_ENABLED="1", CONNWATCH_DIR=str(snaps), CONNWATCH_SNAPSHOT_INTERVAL="1")
+    cmd = [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+           "--timeout", TIMEOUT_PER_TEST, f"--junitxml={report}", "-o", "junit_family=xunit2", *args, *extra]
+    print("+", "CONNWATCH_ENABLED=1" if agent else "(agent off)", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, cwd=src, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def outcomes(report: Path) -> Dict[str, Outcome]:
+    out: Dict[str, Outcome] = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        if case.find("failure") is not None or case.find("error") is not None:
+            result = "failed"
+        elif case.find("skipped") is not None:
+            result = "skipped"
+        else:
+            result = "passed"
+        if out.get(name) != "failed":  # a test that errored in teardown after passing: failed
+            out[name] = result
+    return out
+
+
+def count(results: Dict[str, Outcome]) -> Dict[str, int]:
+    c = {"passed": 0, "failed": 0, "skipped": 0}
+    for r in results.values():
+        c[r] += 1
+    return c
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--venv", default=str(REPO / ".venv-compat"))
+    ap.add_argument("--work", default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--only", choices=sorted(SUITES), default=None)
+    opts = ap.parse_args()
+    work = Path(opts.work) if opts.work else Path(tempfile.mkdtemp(prefix="connwatch-compat-"))
+    t0 = time.monotonic()
+    broken: List[str] = []
+    try:
+        srcs = build_venv(Path(opts.venv), work, opts.only)
+        for name, src in srcs.items():
+            args = SUITES[name]
+            res: Dict[bool, Dict[str, Outcome]] = {}
+            for agent in (False, True):
+                report = work / f"{name}-{'on' if agent else 'off'}.xml"
+                proc = run_suite(Path(opts.venv), src, args, agent, report, work / f"snapshots-{name}")
+                print(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "(no output)", flush=True)
+                if not report.exists():
+                    print(proc.stdout[-5000:])
+                    broken.append(f"{name}: the suite did not run ({'on' if agent else 'off'})")
+                    continue
+                res[agent] = outcomes(report)
+            if len(res) < 2:
+                continue
+            off, on = res[False], res[True]
+            suspects = sorted(t for t, r in off.items() if r == "passed" and on.get(t) not in ("passed", None))
+            missing = sorted(set(off) - set(on))
+            confirmed = confirm(Path(opts.venv), src, suspects, work, name) if suspects else []
+            print(f"== {name} {srcs[name].name.rsplit('-', 1)[1]}: without the agent {fmt(count(off))}; "
+                  f"with CONNWATCH_ENABLED=1 {fmt(count(on))}; passing only without the agent: {len(suspects)} "
+                  f"({len(suspects) - len(confirmed)} flaky on re-run), missing with the agent: {len(missing)}",
+                  flush=True)
+            snaps = sorted(glob.glob(str(work / f"snapshots-{name}" / "*.json")))
+            print(f"   snapshot files written by the agent during the run: {len(snaps)}", flush=True)
+            broken += [f"{name}: {t}" for t in confirmed] + [f"{name}: not run with the agent: {t}" for t in missing]
+    finally:
+        if not opts.keep and not opts.work:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"== compat run took {time.monotonic() - t0:.0f} s", flush=True)
+    if broken:
+        print("FAIL: tests that pass without connwatch and fail with it:")
+        for b in broken:
+            print("  ", b)
+        return 1
+    print("OK: every test that passes without connwatch passes with it")
+    return 0
+
+
+def fmt(c: Dict[str, int]) -> str:
+    return f"{c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped"
+
+
+def confirm(venv: Path, src: Path, suspects: List[str], work: Path, name: str) -> List[str]:
+    """Re-run each suspect alone, twice each way: broken only if it fails every time with the
+    agent and passes every time without it."""
+    still = []
+    for test in suspects:
+        node = to_node_id(src, test)
+        if node is None:
+            still.append(test)
+            continue
+        ok_off = ok_on = 0
+        for _ in range(2):
+            for agent in (False, True):
+                report = work / f"{name}-rerun.xml"
+                run_suite(venv, src, [node], agent, report, work / "snapshots-rerun")
+                result = outcomes(report).get(test) if report.exists() else None
+                if result == "passed":
+                    if agent:
+                        ok_on += 1
+                    else:
+                        ok_off += 1
+        if ok_on == 0 and ok_off == 2:
+            still.append(test)
+        print(f"   re-run {test}: passed {ok_off}/2 without, {ok_on}/2 with the agent", flush=True)
+    return still
+
+
+def to_node_id(src: Path, test: str) -> Optional[str]:
+    """``pkg.mod.Class::name`` (JUnit) -> ``pkg/mod.py::Class::name`` (pytest)."""
+    classname, _, func = test.partition("::")
+    parts = classname.split(".")
+    for i in range(len(parts), 0, -1):
+        path = Path(*parts[:i]).with_suffix(".py")
+        if (src / path).exists():
+            return "::".join([str(path), *parts[i:], func])
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
