@@ -80,10 +80,6 @@ class SnapshotWriter:
         t.start()
 
     def _run(self) -> None:
-        from .. import _forksafe
-
-        with _forksafe.import_guard():  # see _forksafe: no fork in the middle of this import
-            from .. import _snapshot  # noqa: F401
         stop = self._stop
         me = self._thread
         try:
@@ -103,7 +99,12 @@ class SnapshotWriter:
             # file, and pays nothing at exit: a whole environment may run with the agent on.
             return False
         try:
-            from .. import _snapshot  # first use on the writer's thread: json etc. load here
+            from .. import _forksafe
+
+            # First use loads json, dataclasses and the leak tracker, on the writer's thread
+            # (or at exit), and only once a client exists; see _forksafe for the guard.
+            with _forksafe.import_guard():
+                from .. import _snapshot
 
             snap = _snapshot.take(final=final, sample=True)  # one leak-window sample per write
             path = self.path
