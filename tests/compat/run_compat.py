@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_PER_TEST = "60"
+SUITE_DEADLINE_S = 300
 
 # suite -> (source folder inside the sdist, pytest arguments); the same arguments both ways
 SUITES: Dict[str, List[str]] = {
@@ -113,7 +114,24 @@ def run_suite(venv: Path, src: Path, args: List[str], agent: bool, report: Path,
     cmd = [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
            "--timeout", TIMEOUT_PER_TEST, f"--junitxml={report}", "-o", "junit_family=xunit2", *args, *extra]
     print("+", "CONNWATCH_ENABLED=1" if agent else "(agent off)", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, cwd=src, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if report.exists():
+        report.unlink()
+    # Output to a file, not a pipe: a worker thread a timed-out test left blocked can keep the
+    # interpreter from exiting after the session (urllib3's http2 probe tests, under load).
+    # The JUnit report is written when the session ends, so a run killed at its deadline still
+    # has its results.
+    log = report.with_suffix(".log")
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=src, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        try:
+            code = proc.wait(SUITE_DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+            print(f"   (killed after {SUITE_DEADLINE_S} s: hung at exit)" if report.exists()
+                  else f"   (killed after {SUITE_DEADLINE_S} s)", flush=True)
+    text = log.read_text(errors="replace").replace("\0", "")
+    return subprocess.CompletedProcess(cmd, code, text, "")
 
 
 def outcomes(report: Path) -> Dict[str, Outcome]:
