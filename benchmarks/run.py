@@ -81,14 +81,15 @@ class _Server:
         self.proc.wait()
 
 
-def _measure(config: str, workload: str, n: int, target: str, folder: str) -> Optional[float]:
+def _measure(config: str, workload: str, n: int, target: str, folder: str) -> Optional[Tuple[float, float]]:
     flags = ["-X", "tracemalloc=16", "-W", "always::ResourceWarning"] if config == "tracemalloc" else []
     proc = subprocess.run([sys.executable, *flags, str(HERE / "_work.py"), config, workload, str(n), target],
                           env=_env(config, folder), capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         print(f"  [{config} {workload}] failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
-    return float(proc.stdout.strip().splitlines()[-1])
+    cpu, wall = proc.stdout.strip().splitlines()[-1].split()
+    return float(cpu), float(wall)
 
 
 def overhead(rounds: int, quick: bool) -> List[Dict[str, Any]]:
@@ -100,7 +101,7 @@ def overhead(rounds: int, quick: bool) -> List[Dict[str, Any]]:
     }
     folder = tempfile.mkdtemp(prefix="connwatch-bench-")
     try:
-        results: Dict[str, Dict[str, List[float]]] = {w: {c: [] for c in CONFIGS} for w in WORKLOADS}
+        results: Dict[str, Dict[str, List[Tuple[float, float]]]] = {w: {c: [] for c in CONFIGS} for w in WORKLOADS}
         for r in range(rounds):
             for workload, (n_full, n_quick, configs) in WORKLOADS.items():
                 target = servers["grpc" if "grpc" in workload else "http" if "requests" in workload else "tcp"].target
@@ -116,13 +117,19 @@ def overhead(rounds: int, quick: bool) -> List[Dict[str, Any]]:
         shutil.rmtree(folder, ignore_errors=True)
     rows = []
     for workload, per in results.items():
-        base = statistics.median(per["none"]) if per["none"] else None
         row: Dict[str, Any] = {"workload": workload}
+        base_cpu = statistics.median(v[0] for v in per["none"]) if per["none"] else None
+        base_wall = statistics.median(v[1] for v in per["none"]) if per["none"] else None
         for config in CONFIGS:
             if per[config]:
-                med = statistics.median(per[config])
-                row[config] = {"us": med, "ratio": (med / base) if base else None,
-                               "added_us": (med - base) if base is not None else None}
+                cpu = statistics.median(v[0] for v in per[config])
+                wall = statistics.median(v[1] for v in per[config])
+                row[config] = {
+                    "cpu_us": cpu, "wall_us": wall,
+                    "cpu_ratio": cpu / base_cpu if base_cpu else None,
+                    "wall_ratio": wall / base_wall if base_wall else None,
+                    "added_cpu_us": cpu - base_cpu if base_cpu is not None else None,
+                }
         rows.append(row)
     return rows
 
@@ -290,6 +297,8 @@ def machine() -> str:
 
 def markdown(over: List[Dict[str, Any]], mem: Dict[str, Any], sc: List[Dict[str, Any]], st: Dict[str, Any]) -> str:
     lines = [f"Measured on: {machine()}, {time.strftime('%Y-%m-%d')}", "",
+             "Per operation: CPU time of the measured process (user+system; wall-clock ratio after the "
+             "slash), median of per-run medians; ratio to no agent.", "",
              "| workload | no agent | connwatch | tracemalloc=16 | OpenTelemetry |", "|---|---|---|---|---|"]
     for row in over:
         cells = []
@@ -298,9 +307,10 @@ def markdown(over: List[Dict[str, Any]], mem: Dict[str, Any], sc: List[Dict[str,
             if not v:
                 cells.append("n/a")
             elif c == "none":
-                cells.append(f"{v['us']:.2f} µs")
+                cells.append(f"{v['cpu_us']:.2f} µs (wall {v['wall_us']:.2f})")
             else:
-                cells.append(f"{v['us']:.2f} µs (x{v['ratio']:.3f}, {v['added_us']:+.2f} µs)")
+                cells.append(f"{v['cpu_us']:.2f} µs, x{v['cpu_ratio']:.3f} / x{v['wall_ratio']:.3f} "
+                             f"({v['added_cpu_us']:+.2f} µs)")
         lines.append(f"| {row['workload']} | " + " | ".join(cells) + " |")
     lines += ["", f"Memory per live tracked client: {mem.get('bytes_per_client', float('nan')):.0f} bytes "
               f"(tracemalloc, agent allocations, {mem.get('n')} live sockets)", "",

@@ -103,8 +103,10 @@ _APPLYING: Any = object()  # ref.stat while its track event is being applied
 
 
 def _on_collected(ref: _Ref, _append: Any = _append, _gc: int = _GC) -> None:
-    # Runs inside the GC, possibly while this thread holds the lock: only append.
-    _append((_gc, ref))
+    # Runs inside the GC, possibly while this thread holds the lock: only append. A ref whose
+    # release is already queued (closed, then dropped) needs no second event.
+    if not ref.closed:
+        _append((_gc, ref))
 
 
 def counts_toward_cap(kind: str, role: Optional[str]) -> bool:

@@ -274,6 +274,9 @@ def unpatch() -> None:
         return
     for owner, name in _TARGETS:
         original = _originals.get((id(owner), name), _MISSING)
+        current = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
+        if not getattr(current, "__connwatch_patch__", False):
+            continue  # replaced since we patched (gevent's patch_all, say): leave theirs alone
         if original is _MISSING:
             try:
                 delattr(owner, name)

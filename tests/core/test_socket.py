@@ -268,3 +268,22 @@ def test_disable_restores_the_exact_originals() -> None:
     assert {k: socket.socket.__dict__.get(k) for k in before} == before
     assert ("connect" in socket.socket.__dict__) == had_connect
     assert socket.socketpair is pair
+
+
+def test_disable_leaves_a_later_patch_of_someone_else_alone() -> None:
+    import connwatch
+
+    original = socket.socketpair
+    assert connwatch.enable(snapshot_interval=0)
+    ours = socket.socketpair
+
+    def theirs(*args: Any, **kwargs: Any) -> Any:  # e.g. gevent's patch_all() after we started
+        return ours(*args, **kwargs)
+
+    socket.socketpair = theirs
+    try:
+        connwatch.disable()
+        assert socket.socketpair is theirs, "disable() must not undo a patch made after ours"
+        assert not getattr(socket.socket.__dict__["__init__"], "__connwatch_patch__", False)
+    finally:
+        socket.socketpair = original
