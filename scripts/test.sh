@@ -28,10 +28,13 @@ fi
 
 echo "== ruff"; .venv/bin/ruff check connwatch tests examples benchmarks sitecustomize_example
 echo "== mypy"; .venv/bin/mypy
+if [ "$#" -eq 0 ]; then
+  # urllib3's and requests' own test suites, with the agent on and off: the same tests pass.
+  # (Before our own pytest, so that the last test-runner summary printed is this project's.)
+  echo "== compat"; .venv/bin/python tests/compat/run_compat.py
+fi
 echo "== pytest"; .venv/bin/python -m pytest "$@"
 # The benchmark is not a test: a quick run only shows it still runs (timings are not checked).
 if [ "$#" -eq 0 ]; then
   echo "== benchmark (quick)"; .venv/bin/python benchmarks/run.py --quick > /dev/null
-  # urllib3's and requests' own test suites, with the agent on and off: the same tests pass.
-  echo "== compat"; .venv/bin/python tests/compat/run_compat.py
 fi
