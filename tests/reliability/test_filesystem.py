@@ -86,28 +86,6 @@ def test_folder_removed_at_run_time_is_made_again(tmp_path: Path) -> None:
     assert err == "", err
 
 
-def test_folder_read_only_at_run_time(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root writes to read-only folders; see the tmpfs remount test")
-    folder = tmp_path / "snap"
-    app = App(tmp_path, folder)
-    try:
-        assert app.step(3) == 3
-        folder.chmod(0o500)
-        before = app.snapshot()
-        assert app.step(2) == 5
-        assert app.snapshot() == before, "nothing written, nothing torn"
-        folder.chmod(0o700)
-        assert app.step(1) == 6
-        assert totals(app.snapshot(), app.path, app.marks["leak"]) == (6, 6, 0)
-    finally:
-        folder.chmod(0o700)
-        code, err = app.finish()
-    assert code == 0
-    _check_quiet(err)
-    assert (tmp_path / "app-output.txt").read_text().count("step") == 3
-
-
 FSIZE_APP = '''\
 import json, os, resource, signal, socket, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the app's own choice: EFBIG instead of a signal
