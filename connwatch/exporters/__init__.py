@@ -96,11 +96,32 @@ def _main(run: _Run, names: Tuple[str, ...]) -> None:
         _threads.before_exit(run.thread)  # threading patched by gevent since we started
 
 
+# grpc's C core aborts the whole process (SIGABRT in pollset_global_init) when it cannot get
+# an eventfd at its first use: the exporter is not set up while descriptors are this scarce.
+MIN_FREE_FDS = 64
+
+
+def _wait_for_descriptors(run: _Run) -> bool:
+    """Wait until the process has MIN_FREE_FDS descriptors free (or stop); warns once."""
+    from .. import _fds
+
+    while True:
+        limit, used = _fds.fd_limit(), _fds.open_fds()
+        if limit is None or used is None or limit - used >= MIN_FREE_FDS:
+            return True
+        _log.warn_once("exporter-fds", "only %d file descriptors free: the metric exporter waits for %d",
+                       limit - used, MIN_FREE_FDS)
+        if run.stop.wait(1.0):
+            return False
+
+
 def _work(run: _Run, names: Tuple[str, ...]) -> None:
     try:
         _callsite.register_agent_thread()
         run.idents.add(threading.get_ident())
         if run.forked and run.stop.wait(FORK_SETTLE_S):
+            return
+        if not _wait_for_descriptors(run):
             return
         before = set(threading.enumerate())
         from .. import _forksafe

@@ -2,9 +2,10 @@
 Prometheus listener): the app's errors are the ones it has without the agent, and the agent's
 own writes and exports fail quietly while the process sits at its limit.
 
-The app reaches its limit after the exporter's set-up: if the OTLP exporter is still setting up
-(first grpc use) when the process has no descriptor left, grpc's C core aborts the process
-(``pollset_global_init: eventfd: Too many open files``). That start-up race is not covered here.
+The app reaches its limit after the exporter's set-up here. A process that starts with few
+descriptors free is the other case: grpc's C core aborts the process when it cannot get an
+eventfd at its first use (``pollset_global_init``), so the exporter waits for headroom instead
+(test_starting_short_of_descriptors_never_aborts).
 """
 
 from __future__ import annotations
@@ -63,3 +64,38 @@ def test_exhaustion_with_exporters_on(tmp_path: Path, exporter: str) -> None:
     # grpc's C core logs its own failed socket() calls (format "E1126 18:40:21.217 ...") to
     # stderr, outside Python logging: bounded, not silenced (GRPC_VERBOSITY is the app's).
     assert len(re.findall(r"(?m)^[EWI]\d{4} ", proc.stderr)) <= 3, proc.stderr
+
+
+STARVED_APP = """\
+import errno, json, socket, time
+srv = socket.create_server(("127.0.0.1", 0), backlog=256)
+keep, errors = [], []
+try:
+    while True:
+        keep.append(socket.create_connection(srv.getsockname()))
+except OSError as e:
+    errors.append(errno.errorcode[e.errno])
+time.sleep(1.0)  # the exporter thread would set up grpc now, with no descriptor left
+print(json.dumps(errors), flush=True)
+"""
+
+
+def test_starting_short_of_descriptors_never_aborts(tmp_path: Path) -> None:
+    import resource
+    import subprocess
+    import sys
+
+    from tests.conftest import clean_env
+
+    path, _ = write_app(tmp_path, STARVED_APP)
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    env = clean_env(CONNWATCH_ENABLED="1", CONNWATCH_DIR=str(tmp_path / "snap"), CONNWATCH_EXPORTER="otlp",
+                    OTEL_EXPORTER_OTLP_METRICS_ENDPOINT="http://127.0.0.1:9", OTEL_METRIC_EXPORT_INTERVAL="100")
+    proc = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=60,
+                          preexec_fn=low_limit)
+    assert proc.returncode == 0, f"the app was killed ({proc.returncode}): {proc.stderr[-2000:]}"
+    assert proc.stdout.strip() == '["EMFILE"]'
+    assert "file descriptors free" in proc.stderr and "Traceback" not in proc.stderr
