@@ -63,9 +63,10 @@ while True:
 def _env(config: str, folder: str) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONNWATCH_", "OTEL_"))}
     env["PYTHONPATH"] = str(REPO)
-    if config == "connwatch":
-        env["CONNWATCH_ENABLED"] = "1"
-        env["CONNWATCH_DIR"] = folder
+    # Every configuration gets the same variables (the agent installed but off where it is not
+    # measured): requests walks os.environ twice per call (proxy lookup), about 1 us a variable.
+    env["CONNWATCH_ENABLED"] = "1" if config == "connwatch" else "0"
+    env["CONNWATCH_DIR"] = folder
     return env
 
 
