@@ -53,3 +53,17 @@ def fd_limit() -> Optional[int]:
     if soft == resource.RLIM_INFINITY or soft < 0:
         return None
     return int(soft)
+
+
+def has_headroom(free: int) -> bool:
+    """Whether at least ``free`` descriptors are left below the soft limit (True if unknown).
+
+    The agent checks this before it calls into grpc: grpc's C core aborts the whole process
+    when it cannot get a descriptor it needs (an eventfd or epoll set), so the agent's own
+    exports are skipped while the app is that short of descriptors.
+    """
+    limit = fd_limit()
+    if limit is None:
+        return True
+    used = open_fds()
+    return used is None or limit - used >= free

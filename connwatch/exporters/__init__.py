@@ -97,7 +97,8 @@ def _main(run: _Run, names: Tuple[str, ...]) -> None:
 
 
 # grpc's C core aborts the whole process (SIGABRT in pollset_global_init) when it cannot get
-# an eventfd at its first use: the exporter is not set up while descriptors are this scarce.
+# an eventfd at its first use: the exporter is not set up while descriptors are this scarce
+# (and otlp.py skips exports likewise).
 MIN_FREE_FDS = 64
 
 
@@ -105,14 +106,12 @@ def _wait_for_descriptors(run: _Run) -> bool:
     """Wait until the process has MIN_FREE_FDS descriptors free (or stop); warns once."""
     from .. import _fds
 
-    while True:
-        limit, used = _fds.fd_limit(), _fds.open_fds()
-        if limit is None or used is None or limit - used >= MIN_FREE_FDS:
-            return True
-        _log.warn_once("exporter-fds", "only %d file descriptors free: the metric exporter waits for %d",
-                       limit - used, MIN_FREE_FDS)
+    while not _fds.has_headroom(MIN_FREE_FDS):
+        _log.warn_once("exporter-fds", "fewer than %d file descriptors free: the metric exporter waits",
+                       MIN_FREE_FDS)
         if run.stop.wait(1.0):
             return False
+    return True
 
 
 def _work(run: _Run, names: Tuple[str, ...]) -> None:

@@ -23,7 +23,7 @@ import sys
 import threading
 from typing import Any, Dict, Iterable, List, Optional
 
-from .. import _log
+from .. import _fds, _log
 from . import _readings
 
 DEFAULT_INTERVAL_S = 60.0
@@ -32,6 +32,10 @@ DEFAULT_INTERVAL_S = 60.0
 DEFAULT_TIMEOUT_S = 5.0
 FAILURE_LOG_PERIOD_S = 300.0
 _LOGGER_PREFIXES = ("opentelemetry.exporter", "opentelemetry.sdk", "grpc")
+
+
+# Below this many free descriptors the agent does not call into grpc (see _Guarded.export).
+MIN_FREE_FDS = 64
 
 
 def interval_s(env: Optional[Dict[str, str]] = None) -> float:
@@ -243,6 +247,11 @@ def _guard(pipe: Pipeline) -> Any:
                              preferred_aggregation=inner._preferred_aggregation)
 
         def export(self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any) -> Any:
+            if not _fds.has_headroom(MIN_FREE_FDS):
+                # grpc's C core aborts the process when it cannot get a descriptor (a new
+                # connection's epoll set, say): no export while the app is this short of them.
+                pipe.exported(False, "too few free file descriptors; export skipped")
+                return MetricExportResult.FAILURE
             try:
                 result = inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
             except Exception as e:
