@@ -37,8 +37,10 @@ def run_py(args: List[str], env: Optional[Dict[str, str]] = None, timeout: float
 class Server:
     """A real server in its own process on loopback."""
 
+    script = TESTS / "servers.py"  # prints its port on its first line, then serves
+
     def __init__(self, kind: str, host: str = "127.0.0.1", *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(TESTS / "servers.py"), kind, host, *args],
+        self.proc = subprocess.Popen([sys.executable, str(self.script), kind, host, *args],
                                      stdout=subprocess.PIPE, text=True, env=clean_env())
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -48,7 +50,8 @@ class Server:
         self.host = host
         self.port = int(line)
         self.address = (host, self.port)
-        self.upstream = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        self.target = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        self.upstream = self.target
 
     def stop(self) -> None:
         self.proc.kill()
