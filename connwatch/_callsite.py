@@ -17,7 +17,7 @@ import threading
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import FrameType
-    from typing import Dict, Optional, Tuple
+    from typing import Callable, Dict, Optional, Tuple
 
     Frame = Tuple[str, int, str]  # (file, line, function)
 
@@ -147,6 +147,8 @@ def configure(library_paths: Tuple[str, ...] = (), app_paths: Tuple[str, ...] = 
     _state = _State(tuple(library_paths), tuple(app_paths), traceback_depth, max_sites)
     _kinds.clear()
     _sites.clear()
+    if _clear_caches is not None:
+        _clear_caches()  # the C walk's caches in front of these dicts
 
 
 def classify(filename: str) -> int:
@@ -186,15 +188,14 @@ def find(depth: int = 2) -> Optional[CallSite]:
     """The call site of whoever called the code ``depth`` frames above this function.
 
     None when the object is the agent's own (an exporter frame on the stack, or an agent
-    thread with no user frame): such objects are not tracked.
+    thread with no user frame): such objects are not tracked. (Replaced by the C version from
+    ``connwatch._speedups`` when that is available: same walk, same caches.)
     """
     try:
         f: Optional[FrameType] = sys._getframe(depth)
     except ValueError:
         return _overflow
     kinds = _kinds
-    outer: Optional[FrameType] = None
-    outer_third: Optional[FrameType] = None
     while f is not None:
         fn = f.f_code.co_filename
         kind = kinds.get(fn)
@@ -205,16 +206,27 @@ def find(depth: int = 2) -> Optional[CallSite]:
             return site if site is not None else _new_site(f, False)
         if kind == AGENT:
             return None
-        if fn != _THREADING_FILE:
-            outer = f
-        if kind == THIRD_PARTY:
-            outer_third = f
         f = f.f_back
-    # No user frame (a library's own thread, say): blame the outermost third-party frame,
-    # the library's entry point; with none, the outermost frame outside threading.py (the
-    # thread's target), since threading's bootstrap frames would name nothing.
+    return _no_user_frame(sys._getframe(depth))
+
+
+def _no_user_frame(start: FrameType) -> Optional[CallSite]:
+    """The site when no frame from ``start`` outwards is the user's (a library's own thread,
+    say): the outermost third-party frame, the library's entry point; with none, the outermost
+    frame outside threading.py (the thread's target), since threading's bootstrap frames would
+    name nothing. None on the agent's own threads."""
     if _agent_threads and threading.get_ident() in _agent_threads:
         return None
+    outer: Optional[FrameType] = None
+    outer_third: Optional[FrameType] = None
+    f: Optional[FrameType] = start
+    while f is not None:
+        fn = f.f_code.co_filename
+        if fn != _THREADING_FILE:
+            outer = f
+        if classify(fn) == THIRD_PARTY:
+            outer_third = f
+        f = f.f_back
     frame = outer_third or outer
     if frame is None:  # pragma: no cover - there is always a frame
         return _overflow
@@ -261,3 +273,19 @@ def _library_site(frame: FrameType) -> CallSite:
 def overflow() -> CallSite:
     """The shared site used once the number of distinct sites reaches its bound."""
     return _overflow
+
+
+_clear_caches: Optional[Callable[[], None]] = None
+
+
+def _accelerate() -> None:
+    global find, _clear_caches
+    from . import _accel
+
+    if _accel.speedups is not None:
+        _accel.speedups.bind_callsite(_kinds, _sites, classify, _new_site, _no_user_frame, _overflow, USER, AGENT)
+        find = _accel.speedups.find
+        _clear_caches = _accel.speedups.clear_caches
+
+
+_accelerate()

@@ -94,6 +94,8 @@ _res_total = [0]
 _res_site: Dict[int, int] = {}
 _res_up: Dict[str, int] = {}
 
+_clear_caches: Optional[Any] = None  # the C path's cache reset (see _accelerate)
+
 # Optional observer of creations (span events): called after a track with
 # (obj, kind, site, upstream), outside the lock; its errors are swallowed.
 on_track: Optional[Any] = None
@@ -505,6 +507,8 @@ def clear() -> None:
                 ref.stat = ref.prev = ref.next = None
                 ref = nxt
         _stats.clear()
+        if _clear_caches is not None:
+            _clear_caches()  # the C registry's stat cache
         _totals[0] = _totals[1] = 0
         _upstream_live.clear()
         _cap_site.clear()
@@ -541,3 +545,34 @@ def _after_fork_child() -> None:
         stat.gc_released = 0
         for v in stat.upstreams.values():
             v[1] = v[0]
+
+
+# --- the C hot path ----------------------------------------------------------------------------
+
+def _c_error(where: str, exc: BaseException) -> None:
+    """Log an error the C code caught (it hands over the exception)."""
+    from . import _log
+
+    try:
+        raise exc
+    except Exception:
+        _log.internal_error(where)
+
+
+def _accelerate() -> bool:
+    """Swap in ``connwatch._speedups`` (same types, events and containers) when available."""
+    global _Ref, _Stat, _on_collected, _drain, track, release, set_role, _ref_of, is_tracked, _clear_caches
+    from . import _accel
+
+    sp = _accel.speedups
+    if sp is None:
+        return False
+    sp.bind(_events, _stats, _totals, _upstream_live, _cap_site, _res_total, _res_site, _res_up, flush, _c_error,
+            globals(), _monotonic, _BATCH)
+    _Ref, _Stat, _on_collected = sp.Ref, sp.Stat, sp.on_collected  # type: ignore[misc]
+    _drain, track, release, set_role = sp.drain, sp.track, sp.release, sp.set_role
+    _ref_of, is_tracked, _clear_caches = sp.ref_of, sp.is_tracked, sp.clear_caches
+    return True
+
+
+ACCELERATED = _accelerate()
