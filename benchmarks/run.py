@@ -7,7 +7,8 @@ within each round; the result is the median over rounds of each run's median, an
 ratio to the no-agent run of the same round set:
 
   none         plain interpreter
-  connwatch    CONNWATCH_ENABLED=1 (the .pth hook starts the agent)
+  connwatch    CONNWATCH_ENABLED=1 (the .pth hook starts the agent; its C hot path)
+  connwatch-py the same with CONNWATCH_PURE_PYTHON=1 (where the extension could not be built)
   tracemalloc  CPython's own leak finder: -X tracemalloc=16 -W always::ResourceWarning
   otel         OpenTelemetry requests/urllib3/grpc instrumentation, SDK TracerProvider
 
@@ -17,7 +18,9 @@ workload at a 40-frame user stack. Then: memory per live tracked client, the cos
 snapshot and one metric collection at 10 / 1,000 / 10,000 call sites, and interpreter
 start-up with the agent not installed, installed but off, and on.
 
-The servers run in their own processes on 127.0.0.1. This is a benchmark, not a test:
+It measures the installed connwatch (``pip install .``, as scripts/test.sh does), not the
+checkout: the wheel carries the compiled extension. The servers run in their own processes on
+127.0.0.1. This is a benchmark, not a test:
 nothing here asserts a time; --quick only shows it still runs (CI).
 """
 
@@ -39,12 +42,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-CONFIGS = ("none", "connwatch", "tracemalloc", "otel")
+CONFIGS = ("none", "connwatch", "connwatch-py", "tracemalloc", "otel")
+AGENTS = ("connwatch", "connwatch-py")
 # workload -> (ops per run full, ops per run quick, configs that apply)
 WORKLOADS: Dict[str, Tuple[int, int, Tuple[str, ...]]] = {
-    "socket()+close": (50000, 2000, ("none", "connwatch", "tracemalloc")),
-    "socket()+close@40": (50000, 2000, ("none", "connwatch", "tracemalloc")),
-    "connect+close (loopback TCP)": (5000, 300, ("none", "connwatch", "tracemalloc")),
+    "socket()+close": (50000, 2000, ("none", *AGENTS, "tracemalloc")),
+    "socket()+close@40": (50000, 2000, ("none", *AGENTS, "tracemalloc")),
+    "connect+close (loopback TCP)": (5000, 300, ("none", *AGENTS, "tracemalloc")),
     "requests.get, new connection": (1500, 100, CONFIGS),
     "grpc channel+call+close": (500, 50, CONFIGS),
     "grpc channel+call+close@40": (500, 50, CONFIGS),
@@ -62,12 +66,21 @@ while True:
 
 def _env(config: str, folder: str) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONNWATCH_", "OTEL_"))}
-    env["PYTHONPATH"] = str(REPO)
+    env.pop("PYTHONPATH", None)  # the installed package, with its compiled extension
     # Every configuration gets the same variables (the agent installed but off where it is not
     # measured): requests walks os.environ twice per call (proxy lookup), about 1 us a variable.
-    env["CONNWATCH_ENABLED"] = "1" if config == "connwatch" else "0"
+    env["CONNWATCH_ENABLED"] = "1" if config in AGENTS else "0"
+    env["CONNWATCH_PURE_PYTHON"] = "1" if config == "connwatch-py" else "0"
     env["CONNWATCH_DIR"] = folder
     return env
+
+
+def accelerated() -> bool:
+    """Whether the installed connwatch runs its C hot path here."""
+    proc = subprocess.run([sys.executable, "-c", "import connwatch._accel as a; print(a.speedups is not None)"],
+                          env=_env("none", tempfile.gettempdir()), cwd="/", capture_output=True, text=True,
+                          timeout=60)
+    return proc.stdout.strip() == "True"
 
 
 class _Server:
@@ -159,11 +172,12 @@ print(json.dumps({"n": n, "bytes_per_client": ours / n, "live": connwatch.snapsh
 """
 
 
-def memory(n: int) -> Dict[str, Any]:
+def memory(n: int, config: str = "connwatch") -> Dict[str, Any]:
     """Bytes the agent allocates per live tracked socket (tracemalloc, agent files only)."""
     folder = tempfile.mkdtemp(prefix="connwatch-bench-")
     try:
-        proc = subprocess.run([sys.executable, "-c", MEMORY, str(n), folder], env=_env("none", folder),
+        env = {**_env(config, folder), "CONNWATCH_ENABLED": "0"}  # enabled by the script itself
+        proc = subprocess.run([sys.executable, "-c", MEMORY, str(n), folder], env=env, cwd=folder,
                               capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             return {"error": proc.stderr.strip().splitlines()[-1:]}
@@ -175,7 +189,6 @@ def memory(n: int) -> Dict[str, Any]:
 def scale(reps: int) -> List[Dict[str, Any]]:
     """One snapshot and one metric collection at 10 / 1,000 / 10,000 call sites, and 10,000
     live clients over 10 sites (cost must follow sites, not clients)."""
-    sys.path.insert(0, str(REPO))
     from connwatch import _registry, _snapshot
     from connwatch._callsite import CallSite
 
@@ -222,6 +235,10 @@ def scale(reps: int) -> List[Dict[str, Any]]:
 
 
 PTH = (REPO / "connwatch" / "connwatch.pth").read_text().strip()
+# The installed package (with the compiled extension), not the checkout.
+PKG = Path(subprocess.run([sys.executable, "-c", "import connwatch, os; print(os.path.dirname(connwatch.__file__))"],
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, cwd="/",
+                          capture_output=True, text=True, check=True).stdout.strip())
 
 
 def _venv(path: Path, with_agent: bool) -> Path:
@@ -230,7 +247,7 @@ def _venv(path: Path, with_agent: bool) -> Path:
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     if with_agent:
-        shutil.copytree(REPO / "connwatch", Path(site) / "connwatch",
+        shutil.copytree(PKG, Path(site) / "connwatch",
                         ignore=shutil.ignore_patterns("__pycache__", "connwatch.pth"))
         (Path(site) / "connwatch.pth").write_text(PTH + "\n")
         subprocess.run([str(py), "-m", "compileall", "-q", str(Path(site) / "connwatch")], check=True)
@@ -267,7 +284,7 @@ def startup(runs: int) -> Dict[str, Any]:
                 "b.start(exporter='otlp', snapshot_interval=0, dir=sys.argv[1]); "
                 "d = time.perf_counter() - t; import sys; "
                 "print(d * 1e3, 'opentelemetry.sdk.metrics' in sys.modules)")
-        env = {**base, "PYTHONPATH": str(REPO), "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}
+        env = {**base, "PYTHONPATH": str(PKG.parent), "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}
         main_ms = []
         sdk_on_main = False
         for _ in range(max(3, runs // 3)):
@@ -293,14 +310,15 @@ def machine() -> str:
     except OSError:
         pass
     return (f"CPython {platform.python_version()}, {platform.system()} {platform.release()}, "
-            f"{os.cpu_count()} vCPU ({cpu})")
+            f"{os.cpu_count()} vCPU ({cpu}); connwatch C hot path: {'yes' if accelerated() else 'NO (pure Python)'}")
 
 
 def markdown(over: List[Dict[str, Any]], mem: Dict[str, Any], sc: List[Dict[str, Any]], st: Dict[str, Any]) -> str:
     lines = [f"Measured on: {machine()}, {time.strftime('%Y-%m-%d')}", "",
              "Per operation: CPU time of the measured process (user+system; wall-clock ratio after the "
              "slash), median of per-run medians; ratio to no agent.", "",
-             "| workload | no agent | connwatch | tracemalloc=16 | OpenTelemetry |", "|---|---|---|---|---|"]
+             "| workload | no agent | connwatch | connwatch, pure Python | tracemalloc=16 | OpenTelemetry |",
+             "|---|---|---|---|---|---|"]
     for row in over:
         cells = []
         for c in CONFIGS:
@@ -313,7 +331,8 @@ def markdown(over: List[Dict[str, Any]], mem: Dict[str, Any], sc: List[Dict[str,
                 cells.append(f"{v['cpu_us']:.2f} µs, x{v['cpu_ratio']:.3f} / x{v['wall_ratio']:.3f} "
                              f"({v['added_cpu_us']:+.2f} µs)")
         lines.append(f"| {row['workload']} | " + " | ".join(cells) + " |")
-    lines += ["", f"Memory per live tracked client: {mem.get('bytes_per_client', float('nan')):.0f} bytes "
+    lines += ["", f"Memory per live tracked client: {mem.get('bytes_per_client', float('nan')):.0f} bytes, "
+              f"pure Python {mem.get('py_bytes_per_client', float('nan')):.0f} bytes "
               f"(tracemalloc, agent allocations, {mem.get('n')} live sockets)", "",
               "| call sites | live clients | snapshot | JSON | metric collection |", "|---|---|---|---|---|"]
     for r in sc:
@@ -336,6 +355,7 @@ def main() -> None:
     print(f"connwatch benchmarks on {machine()}", file=sys.stderr)
     over = overhead(rounds, args.quick)
     mem = memory(2000 if args.quick else 100_000)
+    mem["py_bytes_per_client"] = memory(2000 if args.quick else 100_000, "connwatch-py").get("bytes_per_client")
     sc = scale(3 if args.quick else 15)
     st = startup(5 if args.quick else 41)
     if args.json:

@@ -87,8 +87,11 @@ _append = _events.append
 _BATCH = 256  # the hot path applies events itself once this many are queued
 _stats: Dict[Tuple[str, Optional[str], int], _Stat] = {}
 _totals = [0, 0]  # [live objects, live objects that count toward caps]
-_upstream_live: Dict[str, int] = {}
-_cap_site: Dict[int, int] = {}  # site id -> live objects that count toward caps
+# Indexes for the cap checks, grown only when a (kind, role, site) or one of its upstreams is
+# first seen, so the per-object path never touches them: a site's stats, and every stat's
+# [live, created] counter of an upstream.
+_site_stats: Dict[int, List[_Stat]] = {}  # id(site) -> its stats
+_up_counts: Dict[str, List[List[int]]] = {}  # upstream -> the stats' [live, created] for it
 # Cap reservations made before an original constructor/connect runs, consumed by track.
 _res_total = [0]
 _res_site: Dict[int, int] = {}
@@ -157,6 +160,7 @@ def _add(ref: _Ref, kind: str, site: CallSite, res: Optional[Reservation]) -> No
     stat = _stats.get(key)
     if stat is None:
         stat = _stats[key] = _Stat(kind, role, site)
+        _site_stats.setdefault(id(site), []).append(stat)
     ref.stat = stat
     ref.upstream = upstream
     tail = stat.tail
@@ -172,16 +176,14 @@ def _add(ref: _Ref, kind: str, site: CallSite, res: Optional[Reservation]) -> No
     _totals[0] += 1
     if stat.cap:
         _totals[1] += 1
-        sid = id(site)
-        _cap_site[sid] = _cap_site.get(sid, 0) + 1
     if upstream is not None:
         u = stat.upstreams.get(upstream)
         if u is None:
-            stat.upstreams[upstream] = [1, 1]
+            u = stat.upstreams[upstream] = [1, 1]
+            _up_counts.setdefault(upstream, []).append(u)
         else:
             u[0] += 1
             u[1] += 1
-        _upstream_live[upstream] = _upstream_live.get(upstream, 0) + 1
 
 
 def _remove(ref: _Ref, collected: bool, uncount: bool = False) -> None:
@@ -208,12 +210,6 @@ def _remove(ref: _Ref, collected: bool, uncount: bool = False) -> None:
         stat.gc_released += 1
     if stat.cap:
         _totals[1] -= 1
-        sid = id(stat.site)
-        n = _cap_site.get(sid, 0) - 1
-        if n > 0:
-            _cap_site[sid] = n
-        else:
-            _cap_site.pop(sid, None)
     up = ref.upstream
     if up is not None:
         u = stat.upstreams.get(up)
@@ -221,11 +217,6 @@ def _remove(ref: _Ref, collected: bool, uncount: bool = False) -> None:
             u[0] -= 1
             if uncount:
                 u[1] -= 1
-        n = _upstream_live.get(up, 0) - 1
-        if n > 0:
-            _upstream_live[up] = n
-        else:
-            _upstream_live.pop(up, None)
 
 
 def _set_role(ref: _Ref, res: Optional[Reservation]) -> None:
@@ -371,6 +362,16 @@ def set_role(obj: object, role: Optional[str], upstream: Optional[str] = None,
         flush()
 
 
+def _site_live(sid: int) -> int:
+    """Live objects from one site that count toward caps (O(roles of the site))."""
+    return sum(st.live for st in _site_stats.get(sid, ()) if st.cap)
+
+
+def _upstream_live(upstream: str) -> int:
+    """Live tracked objects to one upstream (O(stats that ever had it))."""
+    return sum(u[0] for u in _up_counts.get(upstream, ()))
+
+
 def reserve(site: CallSite, upstream: Optional[str], cap: Optional[int], per_site: Optional[int],
             per_upstream: Optional[int], hold: bool = True) -> Optional[Tuple[str, int, int]]:
     """Check the caps for one more client from ``site`` to ``upstream``, atomically.
@@ -391,11 +392,11 @@ def reserve(site: CallSite, upstream: Optional[str], cap: Optional[int], per_sit
                 return ("process", cap, total)
             sid = id(site)
             if per_site is not None:
-                n = _cap_site.get(sid, 0) + _res_site.get(sid, 0)
+                n = _site_live(sid) + _res_site.get(sid, 0)
                 if n + 1 > per_site:
                     return ("callsite", per_site, n)
             if per_upstream is not None and upstream is not None:
-                n = _upstream_live.get(upstream, 0) + _res_up.get(upstream, 0)
+                n = _upstream_live(upstream) + _res_up.get(upstream, 0)
                 if n + 1 > per_upstream:
                     return ("upstream", per_upstream, n)
             if hold:
@@ -470,7 +471,8 @@ def cap_live() -> int:
 def upstream_live(upstream: str) -> int:
     """Live tracked clients to ``upstream`` (``host:port``)."""
     flush()
-    return _upstream_live.get(upstream, 0)
+    with _lock:
+        return _upstream_live(upstream)
 
 
 def records() -> List[Record]:
@@ -510,8 +512,8 @@ def clear() -> None:
         if _clear_caches is not None:
             _clear_caches()  # the C registry's stat cache
         _totals[0] = _totals[1] = 0
-        _upstream_live.clear()
-        _cap_site.clear()
+        _site_stats.clear()
+        _up_counts.clear()
         _res_total[0] = 0
         _res_site.clear()
         _res_up.clear()
@@ -567,7 +569,7 @@ def _accelerate() -> bool:
     sp = _accel.speedups
     if sp is None:
         return False
-    sp.bind(_events, _stats, _totals, _upstream_live, _cap_site, _res_total, _res_site, _res_up, flush, _c_error,
+    sp.bind(_events, _stats, _totals, _site_stats, _up_counts, _res_total, _res_site, _res_up, flush, _c_error,
             globals(), _monotonic, _BATCH)
     _Ref, _Stat, _on_collected = sp.Ref, sp.Stat, sp.on_collected  # type: ignore[misc]
     _drain, track, release, set_role = sp.drain, sp.track, sp.release, sp.set_role

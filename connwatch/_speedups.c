@@ -36,8 +36,8 @@ static PyObject *ev_popleft;     /* _events.popleft */
 static PyObject *events;         /* the deque */
 static PyObject *stats;          /* (kind, role, id(site)) -> Stat */
 static PyObject *totals;         /* [live, live counting toward caps] */
-static PyObject *upstream_live;  /* upstream -> live */
-static PyObject *cap_site;       /* id(site) -> live counting toward caps */
+static PyObject *site_stats;     /* id(site) -> [Stat, ...] (grown when a stat is made) */
+static PyObject *up_counts;      /* upstream -> [[live, created], ...] (grown with them) */
 static PyObject *res_total;      /* [reserved] */
 static PyObject *res_site;       /* id(site) -> reserved */
 static PyObject *res_up;         /* upstream -> reserved */
@@ -173,7 +173,12 @@ static int ref_clear(RefObject *r) {
 
 static void ref_dealloc(RefObject *r) {
     PyObject_GC_UnTrack(r);
-    /* A long chain of refs (prev/next) must not recurse without bound. */
+    if (r->next == NULL && r->prev == NULL) { /* the usual case: released, unlinked */
+        ref_clear_fields(r);
+        _PyWeakref_RefType.tp_dealloc((PyObject *)r);
+        return;
+    }
+    /* Still linked (the GC breaking a list): a long chain must not recurse without bound. */
     Py_TRASHCAN_BEGIN(r, ref_dealloc)
     ref_clear_fields(r);
     _PyWeakref_RefType.tp_dealloc((PyObject *)r);
@@ -299,6 +304,20 @@ static int list_add(PyObject *list, Py_ssize_t i, Py_ssize_t delta) {
     return PyList_SetItem(list, i, v); /* steals v */
 }
 
+/* d.setdefault(key, []).append(item) */
+static int index_append(PyObject *d, PyObject *key, PyObject *item) {
+    PyObject *list = PyDict_GetItemWithError(d, key);
+    if (list == NULL) {
+        if (PyErr_Occurred()) return -1;
+        list = PyList_New(0);
+        if (list == NULL) return -1;
+        int rc = PyDict_SetItem(d, key, list);
+        Py_DECREF(list);
+        if (rc < 0) return -1;
+    }
+    return PyList_Append(list, item);
+}
+
 static int site_add(PyObject *d, PyObject *site, Py_ssize_t delta) {
     PyObject *sid = PyLong_FromVoidPtr(site); /* == id(site) */
     if (sid == NULL) return -1;
@@ -372,6 +391,7 @@ static int add(RefObject *ref, PyObject *kind, PyObject *site, PyObject *res) {
             if (PyErr_Occurred()) goto done;
             stat = stat_create(kind, role, site);
             if (stat == NULL || PyDict_SetItem(stats, key, stat) < 0) goto done;
+            if (index_append(site_stats, sid, stat) < 0) goto done;
         }
         e = stat_slot(kind, role, site); /* (the GC may have run: recompute nothing, just refill) */
         PyObject *ok = e->kind, *orole = e->role, *osite = e->site, *ostat = e->stat;
@@ -395,9 +415,7 @@ static int add(RefObject *ref, PyObject *kind, PyObject *site, PyObject *res) {
     s->live++;
     s->created++;
     if (list_add(totals, 0, 1) < 0) goto done;
-    if (s->cap) {
-        if (list_add(totals, 1, 1) < 0 || site_add(cap_site, site, 1) < 0) goto done;
-    }
+    if (s->cap && list_add(totals, 1, 1) < 0) goto done;
     if (up != NULL) {
         PyObject *u = PyDict_GetItemWithError(s->upstreams, up);
         if (u == NULL) {
@@ -405,12 +423,12 @@ static int add(RefObject *ref, PyObject *kind, PyObject *site, PyObject *res) {
             u = Py_BuildValue("[nn]", (Py_ssize_t)1, (Py_ssize_t)1);
             if (u == NULL) goto done;
             int r2 = PyDict_SetItem(s->upstreams, up, u);
+            if (r2 == 0) r2 = index_append(up_counts, up, u);
             Py_DECREF(u);
             if (r2 < 0) goto done;
         } else if (list_add(u, 0, 1) < 0 || list_add(u, 1, 1) < 0) {
             goto done;
         }
-        if (dict_add(upstream_live, up, 1) < 0) goto done;
     }
     rc = 0;
 done:
@@ -449,9 +467,7 @@ static int remove_ref(RefObject *ref, int collected, int uncount) {
     if (list_add(totals, 0, -1) < 0) goto done;
     if (uncount) s->created--;
     else if (collected) s->gc_released++;
-    if (s->cap) {
-        if (list_add(totals, 1, -1) < 0 || site_add(cap_site, s->site, -1) < 0) goto done;
-    }
+    if (s->cap && list_add(totals, 1, -1) < 0) goto done;
     PyObject *up = NN(ref->upstream);
     if (up != NULL) {
         PyObject *u = PyDict_GetItemWithError(s->upstreams, up);
@@ -461,7 +477,6 @@ static int remove_ref(RefObject *ref, int collected, int uncount) {
         } else if (PyErr_Occurred()) {
             goto done;
         }
-        if (dict_add(upstream_live, up, -1) < 0) goto done;
     }
     rc = 0;
 done:
@@ -712,10 +727,10 @@ static PyObject *sp_is_tracked(PyObject *self, PyObject *obj) {
 }
 
 static PyObject *sp_bind(PyObject *self, PyObject *args) {
-    PyObject *ev, *st, *tot, *upl, *caps, *rt, *rs, *ru, *fl, *rep, *glob, *mono;
+    PyObject *ev, *st, *tot, *sst, *upc, *rt, *rs, *ru, *fl, *rep, *glob, *mono;
     Py_ssize_t b;
     if (!PyArg_ParseTuple(args, "OO!O!O!O!O!O!O!OOO!On", &ev, &PyDict_Type, &st, &PyList_Type, &tot,
-                          &PyDict_Type, &upl, &PyDict_Type, &caps, &PyList_Type, &rt, &PyDict_Type, &rs,
+                          &PyDict_Type, &sst, &PyDict_Type, &upc, &PyList_Type, &rt, &PyDict_Type, &rs,
                           &PyDict_Type, &ru, &fl, &rep, &PyDict_Type, &glob, &mono, &b))
         return NULL;
     PyObject *app = PyObject_GetAttrString(ev, "append");
@@ -725,7 +740,7 @@ static PyObject *sp_bind(PyObject *self, PyObject *args) {
     Py_XSETREF(ev_append, app);
     Py_XSETREF(ev_popleft, pop);
 #define KEEP(var, val) do { Py_INCREF(val); Py_XSETREF(var, val); } while (0)
-    KEEP(events, ev); KEEP(stats, st); KEEP(totals, tot); KEEP(upstream_live, upl); KEEP(cap_site, caps);
+    KEEP(events, ev); KEEP(stats, st); KEEP(totals, tot); KEEP(site_stats, sst); KEEP(up_counts, upc);
     KEEP(res_total, rt); KEEP(res_site, rs); KEEP(res_up, ru); KEEP(flush_fn, fl); KEEP(report_fn, rep);
     KEEP(reg_globals, glob); KEEP(monotonic_fn, mono);
     batch = b;
