@@ -21,11 +21,14 @@
 #include <Python.h>
 #include "structmember.h"
 #include <time.h>
+#if PY_VERSION_HEX < 0x030b0000
+#include "frameobject.h" /* PyFrameObject's fields and PyFrame_GetBack before 3.11 */
+#endif
 
-#if PY_VERSION_HEX < 0x03090000 || PY_VERSION_HEX >= 0x030d0000
-/* The weakref list and frame access below are checked on 3.9-3.12; elsewhere the build hook
-   skips this module and the Python path runs. */
-#error "connwatch._speedups supports CPython 3.9 to 3.12"
+#if PY_VERSION_HEX < 0x03090000 || PY_VERSION_HEX >= 0x030e0000 || defined(Py_GIL_DISABLED)
+/* The weakref lists and frames below are read as CPython 3.9-3.13 (with the GIL) lay them out;
+   elsewhere the build hook leaves this module out and the Python path runs. */
+#error "connwatch._speedups supports CPython 3.9 to 3.13 with the GIL"
 #endif
 
 /* ------------------------------------------------------------------------------------------ */
@@ -526,10 +529,16 @@ static int transfer_op(RefObject *old, RefObject *new) {
     Py_INCREF(stat);
     StatObject *s = (StatObject *)stat;
     int rc = -1;
+#if PY_VERSION_HEX >= 0x030d0000
+    PyObject *obj;
+    if (PyWeakref_GetRef((PyObject *)new, &obj) < 0) goto done;
+    if (obj != NULL) {
+#else
     PyObject *obj = PyWeakref_GetObject((PyObject *)new); /* borrowed */
     if (obj == NULL) goto done;
     if (obj != Py_None) {
         Py_INCREF(obj);
+#endif
         RefObject *cur = NULL;
         for (PyWeakReference *r = weakrefs_of(obj); r != NULL; r = r->wr_next) {
             RefObject *c = (RefObject *)r;
