@@ -1,7 +1,8 @@
 """Post-import hooks: run a callback when a module has been imported (stdlib only).
 
 wrapt's ``register_post_import_hook`` does this too, but importing wrapt 2 costs ~50 ms
-(it imports asyncio, inspect and importlib.metadata), which would land on every agent start.
+(it imports asyncio, inspect and importlib.metadata), which would land on every agent start;
+connwatch does not use wrapt at all (the patches install plain functions).
 This finder costs nothing until a watched module is imported. A hook that raises is logged
 and swallowed: it must never break the app's import.
 """

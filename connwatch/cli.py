@@ -804,18 +804,17 @@ def check_enabled() -> Dict[str, Any]:
 
 
 def check_dependencies() -> Dict[str, Any]:
-    """Are the runtime dependencies importable?"""
+    """Can the agent count open descriptors? It needs no other third-party package: /proc,
+    else psutil."""
     import importlib.util
 
-    missing = [m for m in ("wrapt",) if importlib.util.find_spec(m) is None]
-    if missing:
-        return _check("dependencies", PROBLEM, f"missing {', '.join(missing)}: client patches cannot load",
-                      f"{sys.executable} -m pip install {' '.join(missing)}")
-    if importlib.util.find_spec("psutil") is None and not os.path.isdir("/proc/self/fd"):
+    has_psutil = importlib.util.find_spec("psutil") is not None
+    if os.path.isdir("/proc/self/fd"):
+        return _check("dependencies", OK, "fd counts from /proc" + (" (psutil importable)" if has_psutil else ""))
+    if not has_psutil:
         return _check("dependencies", WARN, "psutil is missing and /proc is not available: fd counts unknown",
                       f"{sys.executable} -m pip install psutil")
-    return _check("dependencies", OK, "wrapt" + (" and psutil" if importlib.util.find_spec("psutil") else "")
-                  + " importable")
+    return _check("dependencies", OK, "fd counts from psutil (/proc is not available)")
 
 
 def _sitecustomizes() -> List[str]:

@@ -1,10 +1,10 @@
 """Patch for the stdlib ``socket`` module: every Python-level socket is tracked.
 
-This is the hot path (every socket of the process), so it uses plain function replacement on
-the ``socket.socket`` class instead of wrapt proxies: two wrapt FunctionWrappers cost ~1.15 us
-per socket, plain functions ~0.15 us. Patching the class (not the module attribute) also
-covers code that did ``from socket import socket`` before the agent started, subclasses such
-as ``ssl.SSLSocket``, and the sockets asyncio makes.
+This is the hot path (every socket of the process). Like the client patches (``_common``), it
+replaces methods of the ``socket.socket`` class with plain functions, not wrapt proxies: two
+wrapt FunctionWrappers cost ~1.15 us per socket, plain functions ~0.15 us. Patching the class
+(not the module attribute) also covers code that did ``from socket import socket`` before the
+agent started, subclasses such as ``ssl.SSLSocket``, and the sockets asyncio makes.
 
 Roles: a socket starts with no role; ``connect``/``connect_ex`` make it a ``client`` (with its
 upstream), ``listen`` a ``listener``; ``accept`` and ``socketpair`` make ``accepted`` and

@@ -1,4 +1,5 @@
-"""The core is stdlib-only, and the disabled hook imports nothing of ours."""
+"""The core is stdlib-only, the client patches import nothing but their library, and the
+disabled hook imports nothing of ours."""
 
 from __future__ import annotations
 
@@ -43,6 +44,26 @@ def test_enabled_agent_start_imports_no_third_party_package(tmp_path) -> None:  
     added = set(json.loads(proc.stdout)) - set(json.loads(base.stdout))
     third = sorted({m.split(".")[0] for m in added} - STDLIB - {"connwatch"})
     assert third == [], f"agent start-up imported {third}"
+
+
+def test_client_patches_import_no_third_party_package(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    code = (
+        "import sys, json, connwatch\n"
+        "import requests, urllib3, httpx, aiohttp, grpc\n"
+        "grpc.insecure_channel('127.0.0.1:1').close()\n"
+        "names = ('requests_session', 'urllib3_pool', 'httpx_client', 'aiohttp_session', 'grpc_channel')\n"
+        "mods = [sys.modules.get('connwatch.patches.' + n) for n in names]\n"
+        "assert all(m is not None and m.is_patched() for m in mods) if connwatch.is_enabled() else not any(mods)\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    base = run_py(["-c", code])
+    assert base.returncode == 0, base.stderr
+    proc = run_py(["-c", code], CONNWATCH_ENABLED="1", CONNWATCH_DIR=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    added = set(json.loads(proc.stdout)) - set(json.loads(base.stdout))
+    assert "connwatch.patches._common" in added
+    third = sorted({m.split(".")[0] for m in added} - STDLIB - {"connwatch"})
+    assert third == [], f"the client patches imported {third}"  # no wrapt (~50 ms to import)
 
 
 def test_disabled_hook_loads_nothing_and_patches_nothing() -> None:

@@ -1,11 +1,16 @@
 """Every import/patch/unpatch order: library imported before or after the agent starts,
-enable -> disable -> enable, idempotent patch/unpatch, disabled patches, failing hooks."""
+enable -> disable -> enable, idempotent patch/unpatch, disabled patches, failing hooks; and what
+the wrappers are: plain functions that look like the originals, installed on the owner class
+over its own, inherited or already-wrapped method."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import os
-from typing import Any, Dict, Iterator, Tuple
+import types
+from typing import Any, Dict, Iterator, List, Tuple
 
 import aiohttp  # noqa: F401  (imported before the agent starts: the "before" order)
 import grpc
@@ -17,7 +22,7 @@ import urllib3
 from grpc import _channel
 
 from connwatch.patches import aiohttp_session, grpc_channel, httpx_client, requests_session, urllib3_pool
-from connwatch.patches._common import Patcher, _resolve, is_wrapper
+from connwatch.patches._common import ACLOSE, CLOSE, INIT, Patcher, Target, _resolve, arg, is_wrapper, url_upstream
 from tests.conftest import run_py
 
 import sys  # isort: skip
@@ -84,8 +89,172 @@ def test_patch_and_unpatch_are_idempotent() -> None:
     assert all(_attrs()[k] is originals[k] for k in originals)
 
 
+def test_wrappers_are_plain_functions_that_look_like_the_originals() -> None:
+    originals = _attrs()
+    try:
+        for mod in MODULES:
+            mod.patch(None)
+        for mod in MODULES:
+            for t in mod._TARGETS:
+                ours, orig = _attrs()[(t.module, t.owner, t.attr)], originals[(t.module, t.owner, t.attr)]
+                assert type(ours) is types.FunctionType and is_wrapper(ours) and not is_wrapper(orig)
+                assert ours.__wrapped__ is orig
+                assert (ours.__name__, ours.__qualname__, ours.__doc__, ours.__module__) == (
+                    orig.__name__, orig.__qualname__, orig.__doc__, orig.__module__)
+                assert inspect.signature(ours) == inspect.signature(orig)
+                # async close stays a coroutine function (asyncio and frameworks check this)
+                assert inspect.iscoroutinefunction(ours) == inspect.iscoroutinefunction(orig) == (t.action == ACLOSE)
+    finally:
+        for mod in MODULES:
+            mod.unpatch()
+    assert all(_attrs()[k] is originals[k] for k in originals)
+
+
+def _client_kinds(agent: Any) -> Dict[str, int]:
+    return {s.kind: s.live for s in agent.snapshot().statistics() if s.kind != "socket" and s.live}
+
+
+def test_unbound_and_super_calls_are_wrapped(agent: Any) -> None:
+    class Manager(urllib3.PoolManager):
+        def __init__(self) -> None:
+            urllib3.PoolManager.__init__(self, num_pools=2)  # unbound, through the class
+
+    class Session(requests.Session):
+        def __init__(self) -> None:
+            super().__init__()
+
+    pm, s = Manager(), Session()
+    assert _client_kinds(agent) == {"urllib3.PoolManager": 1, "requests.Session": 1}
+    urllib3.PoolManager.clear(pm)
+    requests.Session.close(s)
+    assert _client_kinds(agent) == {}
+
+
+# A library whose rows are not all plain functions of the owner's own __dict__.
+class _Base:
+    def close(self, how: str = "nicely") -> str:
+        """Close it."""
+        return f"closed {how}"
+
+
+class _Client(_Base):
+    def __init__(self, url: Any = None) -> None:
+        self.url = url
+
+    @staticmethod
+    def make() -> str:
+        return "static"
+
+    @classmethod
+    def build(cls) -> str:
+        return "class"
+
+    @property
+    def state(self) -> str:
+        return "prop"
+
+
+def _fake_library(monkeypatch: pytest.MonkeyPatch) -> Patcher:
+    lib = types.ModuleType("fake_client_lib")
+    lib.Client = _Client  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fake_client_lib", lib)
+    rows = [Target("fake_client_lib", "Client", "__init__", INIT, "fake.Client"),
+            Target("fake_client_lib", "Client", "close", CLOSE, "fake.Client")]  # inherited from _Base
+    rows += [Target("fake_client_lib", "Client", attr, CLOSE, "fake.Client")
+             for attr in ("make", "build", "state", "missing")]
+    return Patcher("fake", rows, upstream={"fake.Client": lambda a, k: url_upstream(arg(a, k, 0, "url"))})
+
+
+def test_inherited_methods_are_wrapped_and_descriptors_skipped_with_one_warning(
+        agent: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    patcher = _fake_library(monkeypatch)
+    before = dict(_Client.__dict__)
+    base_close = _Base.__dict__["close"]
+    with caplog.at_level(logging.WARNING, logger="connwatch"):
+        patcher.patch()
+        patcher.patch()  # idempotent: no second warning either
+    try:
+        warned = [r.getMessage() for r in caplog.records if "connwatch can wrap" in r.getMessage()]
+        assert len(warned) == 4 and all("fake.Client" in w for w in warned), warned
+        assert sorted(a for _, a in patcher.wrapped_attrs()) == ["__init__", "close"]
+        assert "close" in _Client.__dict__ and _Base.__dict__["close"] is base_close
+        assert _Client.close.__wrapped__ is base_close and _Client.close.__doc__ == "Close it."
+        for attr in ("make", "build", "state"):
+            assert _Client.__dict__[attr] is before[attr]
+        c = _Client("http://user:pw@example.test:8080/x?q=1")
+        assert (_Client.make(), _Client.build(), c.state) == ("static", "class", "prop")
+        [st] = [s for s in agent.snapshot().statistics("upstream") if s.kind == "fake.Client"]
+        assert (st.live, st.upstream) == (1, "example.test:8080")
+        assert c.close("now") == "closed now"
+        assert _client_kinds(agent) == {}
+    finally:
+        patcher.unpatch()
+    assert dict(_Client.__dict__) == before and "close" not in _Client.__dict__  # ours deleted, _Base's shows
+    assert _Client.close is base_close
+
+
+def test_a_method_proxy_installed_before_us_is_called_bound(quiet_env: None, tmp_path: Any) -> None:
+    wrapt = pytest.importorskip("wrapt")  # another instrumentation (OpenTelemetry's aiohttp one, say)
+    import connwatch
+
+    seen: List[Any] = []
+
+    def theirs(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        seen.append((wrapped.__name__, instance))
+        return wrapped(*args, **kwargs)
+
+    originals = {a: requests.Session.__dict__[a] for a in ("__init__", "close")}
+    try:
+        for attr in originals:
+            wrapt.wrap_function_wrapper(requests.Session, attr, theirs)
+        proxies = {a: requests.Session.__dict__[a] for a in originals}
+        assert connwatch.enable(dir=str(tmp_path), snapshot_interval=0)
+        try:
+            assert all(requests.Session.__dict__[a].__wrapped__ is proxies[a] for a in originals)
+            s = requests.Session()
+            assert [(x.kind, x.live) for x in connwatch.snapshot().statistics() if x.kind != "socket"] == [
+                ("requests.Session", 1)]
+            s.close()
+            assert seen == [("__init__", s), ("close", s)]  # their wrapper still sees the instance
+            assert connwatch.snapshot().live == 0
+        finally:
+            connwatch.disable()
+        assert all(requests.Session.__dict__[a] is proxies[a] for a in originals)
+    finally:
+        for attr, fn in originals.items():
+            setattr(requests.Session, attr, fn)
+
+
+def test_someone_replacing_ours_is_left_alone_and_we_go_inert(caplog: pytest.LogCaptureFixture) -> None:
+    from connwatch import _log
+
+    _log.reset()
+    original = requests.Session.__dict__["close"]
+    requests_session.patch(None)
+    try:
+        ours = requests.Session.__dict__["close"]
+        calls: List[Any] = []
+
+        def theirs(self: Any) -> None:  # a plain monkey-patch over ours
+            calls.append(self)
+            ours(self)
+
+        requests.Session.close = theirs  # type: ignore[method-assign]
+    finally:
+        with caplog.at_level(logging.WARNING, logger="connwatch"):
+            requests_session.unpatch()
+            requests_session.unpatch()
+    assert requests.Session.__dict__["close"] is theirs
+    assert len([r for r in caplog.records if "re-wrapped by someone else" in r.getMessage()]) == 1
+    s = requests.Session()
+    s.close()  # still works, through their function and our disarmed one
+    assert calls == [s]
+    requests.Session.close = original  # type: ignore[method-assign]
+    _log.reset()
+
+
 def test_someone_wrapping_over_us_is_left_alone_and_we_go_inert() -> None:
-    import wrapt
+    wrapt = pytest.importorskip("wrapt")
 
     original = requests.Session.__dict__["close"]
     requests_session.patch(None)
@@ -178,20 +347,25 @@ def test_a_failing_wrapper_never_reaches_the_app(quiet_env: None, tmp_path: Any,
     import connwatch
     from connwatch import _registry
 
+    calls: List[Any] = []
+
     def broken(*args: Any, **kwargs: Any) -> None:
+        calls.append(args)
         raise RuntimeError("registry exploded")
 
+    # Before enable(): the wrappers bind what they call when they are installed.
+    monkeypatch.setattr(_registry, "track", broken)
+    monkeypatch.setattr(_registry, "release", broken)
     assert connwatch.enable(dir=str(tmp_path), snapshot_interval=0)
     try:
-        monkeypatch.setattr(_registry, "track", broken)
-        monkeypatch.setattr(_registry, "release", broken)
         s = requests.Session()
         s.close()
         pm = urllib3.PoolManager()
         pm.clear()
+        assert {a[0] for a in calls} >= {s, pm}  # the wrappers did call the broken registry
     finally:
-        monkeypatch.undo()
         connwatch.disable()
+        monkeypatch.undo()
 
 
 def test_unknown_action_is_rejected() -> None:
