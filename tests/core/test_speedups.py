@@ -13,7 +13,8 @@ import textwrap
 from typing import Any, List
 
 import pytest
-from conftest import clean_env, run_py
+
+from tests.conftest import clean_env, run_py
 
 SCRIPT = textwrap.dedent(
     """
