@@ -73,8 +73,21 @@ def target_upstream(target: Any) -> Optional[str]:
     return host_port(host, int(port) if port.isdigit() else 443)
 
 
+_targets: Dict[Any, Optional[str]] = {}  # target -> upstream; bounded (cleared at 1,024)
+
+
 def _target(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[str]:
-    return target_upstream(arg(args, kwargs, 0, "target"))
+    target = arg(args, kwargs, 0, "target")
+    try:
+        return _targets[target]  # parsing costs ~1 us; apps reuse a few targets
+    except (KeyError, TypeError):
+        pass
+    up = target_upstream(target)
+    if isinstance(target, (str, bytes)):
+        if len(_targets) >= 1024:
+            _targets.clear()
+        _targets[target] = up
+    return up
 
 
 _patcher = Patcher("grpc", _TARGETS, upstream={"grpc.Channel": _target, "grpc.aio.Channel": _target})
