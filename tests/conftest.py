@@ -18,10 +18,17 @@ TESTS = REPO / "tests"
 SCHEMA = TESTS / "data" / "snapshot.schema.json"
 
 
+# Not agent settings but which implementation runs (scripts/test.sh runs tests/core and tests/reliability
+# again with CONNWATCH_PURE_PYTHON=1): kept in subprocesses and through the `agent` fixture.
+IMPLEMENTATION_VARS = ("CONNWATCH_PURE_PYTHON",)
+
+
 def clean_env(**extra: str) -> Dict[str, str]:
-    """The environment for a subprocess: no CONNWATCH_*/OTEL_* from outside, this checkout first
-    on PYTHONPATH (the installed .pth then loads this code), plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONNWATCH_", "OTEL_", "PYTEST_"))}
+    """The environment for a subprocess: no CONNWATCH_*/OTEL_* from outside (but
+    :data:`IMPLEMENTATION_VARS`), this checkout first on PYTHONPATH (the installed .pth then loads
+    this code), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if k in IMPLEMENTATION_VARS or not k.startswith(("CONNWATCH_", "OTEL_", "PYTEST_"))}
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update(extra)
     return env
@@ -81,7 +88,7 @@ def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     from connwatch import _log
 
     for k in list(os.environ):
-        if k.startswith("CONNWATCH_"):
+        if k.startswith("CONNWATCH_") and k not in IMPLEMENTATION_VARS:
             monkeypatch.delenv(k)
     _log.reset()
     assert not connwatch.is_enabled(), "a previous test left the agent running"
