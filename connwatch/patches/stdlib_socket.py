@@ -187,6 +187,7 @@ def _make_wrappers(orig: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
             internal_error("socket.connect")
 
     limits = _limits
+    upstreams = _upstreams
 
     @functools.wraps(o_connect)
     def _wrap_connect(self: socket.socket, address: Any) -> None:
@@ -201,7 +202,15 @@ def _make_wrappers(orig: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
             if res is not None:
                 unreserve(res)
             raise
-        _connected(self, address, res)
+        # _connected() inlined: this is every blocking connect of the process
+        try:
+            try:
+                up = upstreams[address]
+            except (KeyError, TypeError):
+                up = upstream_of(address)
+            set_role(self, "client", up, res)
+        except Exception:
+            internal_error("socket.connect")
 
     @functools.wraps(o_connect_ex)
     def _wrap_connect_ex(self: socket.socket, address: Any) -> int:
