@@ -28,20 +28,8 @@ def deep(depth: int, fn: Callable[[], None]) -> None:
         fn()
 
 
-def main() -> None:
-    config, workload, n, target = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    if config == "otel":
-        from opentelemetry import trace
-        from opentelemetry.instrumentation.grpc import GrpcInstrumentorClient
-        from opentelemetry.instrumentation.requests import RequestsInstrumentor
-        from opentelemetry.instrumentation.urllib3 import URLLib3Instrumentor
-        from opentelemetry.sdk.trace import TracerProvider
-
-        trace.set_tracer_provider(TracerProvider())
-        RequestsInstrumentor().instrument()
-        URLLib3Instrumentor().instrument()
-        GrpcInstrumentorClient().instrument()
-
+def make_op(workload: str, target: str) -> Callable[[], None]:
+    """One operation of ``workload`` against the server at ``target`` (host:port)."""
     host, _, port = target.rpartition(":")
     addr = (host, int(port))
     op: Callable[[], None]
@@ -68,7 +56,23 @@ def main() -> None:
             ch.close()
     else:
         raise SystemExit(f"unknown workload {workload}")
+    return op
 
+
+def main() -> None:
+    config, workload, n, target = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    if config == "otel":
+        from opentelemetry import trace
+        from opentelemetry.instrumentation.grpc import GrpcInstrumentorClient
+        from opentelemetry.instrumentation.requests import RequestsInstrumentor
+        from opentelemetry.instrumentation.urllib3 import URLLib3Instrumentor
+        from opentelemetry.sdk.trace import TracerProvider
+
+        trace.set_tracer_provider(TracerProvider())
+        RequestsInstrumentor().instrument()
+        URLLib3Instrumentor().instrument()
+        GrpcInstrumentorClient().instrument()
+    op = make_op(workload, target)
     deep_stack = workload.endswith("@40")
     batch = max(1, n // 5)
 

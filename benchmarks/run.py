@@ -106,6 +106,75 @@ def _measure(config: str, workload: str, n: int, target: str, folder: str) -> Op
     return float(cpu), float(wall)
 
 
+PAIRED = """\
+import json, statistics, sys, time
+sys.path.insert(0, sys.argv[5])
+from _work import DEPTH, deep, make_op
+import connwatch
+workload, n, rounds, target, _, folder = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], 0, sys.argv[6]
+op = make_op(workload, target)
+def run(count):
+    def loop():
+        for _ in range(count):
+            op()
+    c0 = time.thread_time()
+    if workload.endswith("@40"):
+        deep(DEPTH, loop)
+    else:
+        loop()
+    return (time.thread_time() - c0) / count * 1e6
+def on():
+    connwatch.enable(dir=folder, snapshot_interval=3600)
+run(max(1, n // 4)); on(); run(max(1, n // 4)); connwatch.disable()  # warm-up, both ways
+off_t, on_t = [], []
+for r in range(rounds):
+    for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
+        if mode == "on":
+            on()
+            on_t.append(run(n))
+            connwatch.disable()
+        else:
+            off_t.append(run(n))
+print(json.dumps({"off": statistics.median(off_t), "on": statistics.median(on_t),
+                  "ratio": statistics.median(a / b for a, b in zip(on_t, off_t)),
+                  "added": statistics.median(a - b for a, b in zip(on_t, off_t))}))
+"""
+
+
+def paired(rounds: int, quick: bool) -> List[Dict[str, Any]]:
+    """The agent's own cost, without the differences between processes (hash seeds, memory
+    layout): one interpreter per workload and path alternates connwatch.disable()/enable()
+    around equal batches; medians of the paired ratios of this thread's CPU time."""
+    servers = {
+        "tcp": _Server([sys.executable, "-c", ACCEPT_SERVER]),
+        "http": _Server([sys.executable, str(REPO / "tests" / "servers.py"), "http"]),
+        "grpc": _Server([sys.executable, str(REPO / "tests" / "patches" / "grpc_server.py"), "sync"]),
+    }
+    folder = tempfile.mkdtemp(prefix="connwatch-bench-")
+    rows = []
+    try:
+        for workload, (n_full, n_quick, _configs) in WORKLOADS.items():
+            target = servers["grpc" if "grpc" in workload else "http" if "requests" in workload else "tcp"].target
+            row: Dict[str, Any] = {"workload": workload}
+            for config in AGENTS:
+                n = max(1, (n_quick if quick else n_full) // 5)
+                env = {**_env(config, folder), "CONNWATCH_ENABLED": "0"}  # enabled by the script itself
+                proc = subprocess.run([sys.executable, "-c", PAIRED, workload, str(n), str(2 if quick else rounds),
+                                       target, str(HERE), folder], env=env, cwd=folder, capture_output=True,
+                                      text=True, timeout=900)
+                if proc.returncode != 0:
+                    print(f"  [paired {config} {workload}] failed: {proc.stderr.strip().splitlines()[-1:]}",
+                          file=sys.stderr)
+                    continue
+                row[config] = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
 def overhead(rounds: int, quick: bool) -> List[Dict[str, Any]]:
     """Median us/op per workload and configuration, alternating configurations per round."""
     servers = {
@@ -313,7 +382,8 @@ def machine() -> str:
             f"{os.cpu_count()} vCPU ({cpu}); connwatch C hot path: {'yes' if accelerated() else 'NO (pure Python)'}")
 
 
-def markdown(over: List[Dict[str, Any]], mem: Dict[str, Any], sc: List[Dict[str, Any]], st: Dict[str, Any]) -> str:
+def markdown(over: List[Dict[str, Any]], pair: List[Dict[str, Any]], mem: Dict[str, Any], sc: List[Dict[str, Any]],
+             st: Dict[str, Any]) -> str:
     lines = [f"Measured on: {machine()}, {time.strftime('%Y-%m-%d')}", "",
              "Per operation: CPU time of the measured process (user+system; wall-clock ratio after the "
              "slash), median of per-run medians; ratio to no agent.", "",
@@ -330,6 +400,16 @@ def markdown(over: List[Dict[str, Any]], mem: Dict[str, Any], sc: List[Dict[str,
             else:
                 cells.append(f"{v['cpu_us']:.2f} µs, x{v['cpu_ratio']:.3f} / x{v['wall_ratio']:.3f} "
                              f"({v['added_cpu_us']:+.2f} µs)")
+        lines.append(f"| {row['workload']} | " + " | ".join(cells) + " |")
+    lines += ["", "The agent's own cost, in one interpreter per row alternating `disable()`/`enable()` "
+              "(median of paired ratios of the thread's CPU time):", "",
+              "| workload | agent off | connwatch | connwatch, pure Python |", "|---|---|---|---|"]
+    for row in pair:
+        base = next((row[c]["off"] for c in AGENTS if c in row), None)
+        cells = [f"{base:.2f} µs" if base is not None else "n/a"]
+        for c in AGENTS:
+            v = row.get(c)
+            cells.append(f"x{v['ratio']:.3f} ({v['added']:+.2f} µs)" if v else "n/a")
         lines.append(f"| {row['workload']} | " + " | ".join(cells) + " |")
     lines += ["", f"Memory per live tracked client: {mem.get('bytes_per_client', float('nan')):.0f} bytes, "
               f"pure Python {mem.get('py_bytes_per_client', float('nan')):.0f} bytes "
@@ -354,15 +434,16 @@ def main() -> None:
     rounds = 1 if args.quick else args.rounds
     print(f"connwatch benchmarks on {machine()}", file=sys.stderr)
     over = overhead(rounds, args.quick)
+    pair = paired(3 if args.quick else 4 * rounds, args.quick)
     mem = memory(2000 if args.quick else 100_000)
     mem["py_bytes_per_client"] = memory(2000 if args.quick else 100_000, "connwatch-py").get("bytes_per_client")
     sc = scale(3 if args.quick else 15)
     st = startup(5 if args.quick else 41)
     if args.json:
-        print(json.dumps({"machine": machine(), "overhead": over, "memory": mem, "scale": sc, "startup": st},
-                         indent=1))
+        print(json.dumps({"machine": machine(), "overhead": over, "paired": pair, "memory": mem, "scale": sc,
+                          "startup": st}, indent=1))
     else:
-        print(markdown(over, mem, sc, st))
+        print(markdown(over, pair, mem, sc, st))
 
 
 if __name__ == "__main__":
