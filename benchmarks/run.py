@@ -175,6 +175,61 @@ def paired(rounds: int, quick: bool) -> List[Dict[str, Any]]:
     return rows
 
 
+# workload -> (ops in the short run, ops in the long run) for the instruction counts
+INSTR_OPS: Dict[str, Tuple[int, int]] = {
+    "socket()+close": (1000, 6000), "socket()+close@40": (1000, 6000), "connect+close (loopback TCP)": (500, 2500),
+    "requests.get, new connection": (100, 400), "grpc channel+call+close": (100, 400),
+    "grpc channel+call+close@40": (100, 400),
+}
+
+
+def _instructions_run(config: str, workload: str, n: int, target: str, folder: str) -> Optional[int]:
+    proc = subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+                           sys.executable, str(HERE / "_work.py"), config, workload, str(n), target],
+                          env=_env(config, folder), capture_output=True, text=True, timeout=900)
+    for line in proc.stderr.splitlines():
+        if "I" in line and "refs:" in line:
+            return int(line.rsplit(None, 1)[-1].replace(",", ""))
+    print(f"  [instructions {config} {workload}] failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+    return None
+
+
+def instructions() -> List[Dict[str, Any]]:
+    """User-space instructions per operation (valgrind's cachegrind), the difference of a short and
+    a long run of the same workload: deterministic where times are noisy. The agent adds no system
+    calls (strace shows the same calls per operation), so this is where its cost is."""
+    if shutil.which("valgrind") is None:
+        print("  (valgrind not installed: no instruction counts)", file=sys.stderr)
+        return []
+    servers = {
+        "tcp": _Server([sys.executable, "-c", ACCEPT_SERVER]),
+        "http": _Server([sys.executable, str(REPO / "tests" / "servers.py"), "http"]),
+        "grpc": _Server([sys.executable, str(REPO / "tests" / "patches" / "grpc_server.py"), "sync"]),
+    }
+    folder = tempfile.mkdtemp(prefix="connwatch-bench-")
+
+    def ops(n: int) -> int:  # what _work.py runs for n: a warm-up of half a batch, then 5 batches
+        batch = max(1, n // 5)
+        return max(1, batch // 2) + 5 * batch
+
+    rows = []
+    try:
+        for workload, (short, long) in INSTR_OPS.items():
+            target = servers["grpc" if "grpc" in workload else "http" if "requests" in workload else "tcp"].target
+            row: Dict[str, Any] = {"workload": workload}
+            for config in ("none", *AGENTS):
+                a = _instructions_run(config, workload, short, target, folder)
+                b = _instructions_run(config, workload, long, target, folder)
+                if a is not None and b is not None:
+                    row[config] = (b - a) / (ops(long) - ops(short))
+            rows.append(row)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
 def overhead(rounds: int, quick: bool) -> List[Dict[str, Any]]:
     """Median us/op per workload and configuration, alternating configurations per round."""
     servers = {
@@ -382,8 +437,8 @@ def machine() -> str:
             f"{os.cpu_count()} vCPU ({cpu}); connwatch C hot path: {'yes' if accelerated() else 'NO (pure Python)'}")
 
 
-def markdown(over: List[Dict[str, Any]], pair: List[Dict[str, Any]], mem: Dict[str, Any], sc: List[Dict[str, Any]],
-             st: Dict[str, Any]) -> str:
+def markdown(over: List[Dict[str, Any]], pair: List[Dict[str, Any]], instr: List[Dict[str, Any]],
+             mem: Dict[str, Any], sc: List[Dict[str, Any]], st: Dict[str, Any]) -> str:
     lines = [f"Measured on: {machine()}, {time.strftime('%Y-%m-%d')}", "",
              "Per operation: CPU time of the measured process (user+system; wall-clock ratio after the "
              "slash), median of per-run medians; ratio to no agent.", "",
@@ -411,6 +466,16 @@ def markdown(over: List[Dict[str, Any]], pair: List[Dict[str, Any]], mem: Dict[s
             v = row.get(c)
             cells.append(f"x{v['ratio']:.3f} ({v['added']:+.2f} µs)" if v else "n/a")
         lines.append(f"| {row['workload']} | " + " | ".join(cells) + " |")
+    if instr:
+        lines += ["", "User-space instructions per operation (cachegrind; deterministic):", "",
+                  "| workload | no agent | connwatch | connwatch, pure Python |", "|---|---|---|---|"]
+        for row in instr:
+            base = row.get("none")
+            cells = [f"{base:,.0f}" if base else "n/a"]
+            for c in AGENTS:
+                v = row.get(c)
+                cells.append(f"{v:,.0f}, x{v / base:.3f} ({v - base:+,.0f})" if v and base else "n/a")
+            lines.append(f"| {row['workload']} | " + " | ".join(cells) + " |")
     lines += ["", f"Memory per live tracked client: {mem.get('bytes_per_client', float('nan')):.0f} bytes, "
               f"pure Python {mem.get('py_bytes_per_client', float('nan')):.0f} bytes "
               f"(tracemalloc, agent allocations, {mem.get('n')} live sockets)", "",
@@ -435,15 +500,16 @@ def main() -> None:
     print(f"connwatch benchmarks on {machine()}", file=sys.stderr)
     over = overhead(rounds, args.quick)
     pair = paired(3 if args.quick else 4 * rounds, args.quick)
+    instr = [] if args.quick else instructions()
     mem = memory(2000 if args.quick else 100_000)
     mem["py_bytes_per_client"] = memory(2000 if args.quick else 100_000, "connwatch-py").get("bytes_per_client")
     sc = scale(3 if args.quick else 15)
     st = startup(5 if args.quick else 41)
     if args.json:
-        print(json.dumps({"machine": machine(), "overhead": over, "paired": pair, "memory": mem, "scale": sc,
-                          "startup": st}, indent=1))
+        print(json.dumps({"machine": machine(), "overhead": over, "paired": pair, "instructions": instr,
+                          "memory": mem, "scale": sc, "startup": st}, indent=1))
     else:
-        print(markdown(over, pair, mem, sc, st))
+        print(markdown(over, pair, instr, mem, sc, st))
 
 
 if __name__ == "__main__":

@@ -160,6 +160,7 @@ def _make_init(call: Callable[..., Any], kind: str, upstream: Optional[Upstream]
     find, lib_site = _callsite.find, _callsite.library_site
     is_tracked, track, unreserve = _registry.is_tracked, _registry.track, _registry.unreserve
     guarded_check = _limits.guarded_check
+    limits = _limits
     internal_error = _log.internal_error
 
     def init(*args: Any, **kwargs: Any) -> Any:
@@ -180,7 +181,7 @@ def _make_init(call: Callable[..., Any], kind: str, upstream: Optional[Upstream]
                 internal_error(where)
                 site = None
         # The cap check runs before the original: a refused client opens nothing.
-        res = guarded_check(kind, site, up) if site is not None else None
+        res = guarded_check(kind, site, up) if site is not None and limits._policy is not None else None
         n[0] += 1
         try:
             result = call(*args, **kwargs) if kwargs else call(*args)
