@@ -95,10 +95,14 @@ class _Server:
         self.proc.wait()
 
 
-def _measure(config: str, workload: str, n: int, target: str, folder: str) -> Optional[Tuple[float, float]]:
+def _measure(config: str, workload: str, n: int, target: str, folder: str,
+             seed: Optional[int] = None) -> Optional[Tuple[float, float]]:
     flags = ["-X", "tracemalloc=16", "-W", "always::ResourceWarning"] if config == "tracemalloc" else []
+    env = _env(config, folder)
+    if seed is not None:
+        env["PYTHONHASHSEED"] = str(seed)  # the same in every configuration of a round
     proc = subprocess.run([sys.executable, *flags, str(HERE / "_work.py"), config, workload, str(n), target],
-                          env=_env(config, folder), capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         print(f"  [{config} {workload}] failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
@@ -231,7 +235,9 @@ def instructions() -> List[Dict[str, Any]]:
 
 
 def overhead(rounds: int, quick: bool) -> List[Dict[str, Any]]:
-    """Median us/op per workload and configuration, alternating configurations per round."""
+    """Median us/op per workload and configuration, alternating configurations per round; the
+    ratios are medians of each round's ratio to that round's no-agent run (same hash seed), which
+    cancels the drifts of a shared machine that hit the configurations of one round alike."""
     servers = {
         "tcp": _Server([sys.executable, "-c", ACCEPT_SERVER]),
         "http": _Server([sys.executable, str(REPO / "tests" / "servers.py"), "http"]),
@@ -239,15 +245,15 @@ def overhead(rounds: int, quick: bool) -> List[Dict[str, Any]]:
     }
     folder = tempfile.mkdtemp(prefix="connwatch-bench-")
     try:
-        results: Dict[str, Dict[str, List[Tuple[float, float]]]] = {w: {c: [] for c in CONFIGS} for w in WORKLOADS}
+        results: Dict[str, Dict[str, List[Optional[Tuple[float, float]]]]] = {
+            w: {c: [] for c in CONFIGS} for w in WORKLOADS}
         for r in range(rounds):
             for workload, (n_full, n_quick, configs) in WORKLOADS.items():
                 target = servers["grpc" if "grpc" in workload else "http" if "requests" in workload else "tcp"].target
                 order = configs if r % 2 == 0 else tuple(reversed(configs))
                 for config in order:
-                    value = _measure(config, workload, n_quick if quick else n_full, target, folder)
-                    if value is not None:
-                        results[workload][config].append(value)
+                    results[workload][config].append(
+                        _measure(config, workload, n_quick if quick else n_full, target, folder, seed=r + 1))
             print(f"  round {r + 1}/{rounds} done", file=sys.stderr)
     finally:
         for s in servers.values():
@@ -256,18 +262,17 @@ def overhead(rounds: int, quick: bool) -> List[Dict[str, Any]]:
     rows = []
     for workload, per in results.items():
         row: Dict[str, Any] = {"workload": workload}
-        base_cpu = statistics.median(v[0] for v in per["none"]) if per["none"] else None
-        base_wall = statistics.median(v[1] for v in per["none"]) if per["none"] else None
         for config in CONFIGS:
-            if per[config]:
-                cpu = statistics.median(v[0] for v in per[config])
-                wall = statistics.median(v[1] for v in per[config])
-                row[config] = {
-                    "cpu_us": cpu, "wall_us": wall,
-                    "cpu_ratio": cpu / base_cpu if base_cpu else None,
-                    "wall_ratio": wall / base_wall if base_wall else None,
-                    "added_cpu_us": cpu - base_cpu if base_cpu is not None else None,
-                }
+            got = [v for v in per[config] if v is not None]
+            if not got:
+                continue
+            pairs = [(v, b) for v, b in zip(per[config], per["none"]) if v is not None and b is not None]
+            row[config] = {
+                "cpu_us": statistics.median(v[0] for v in got), "wall_us": statistics.median(v[1] for v in got),
+                "cpu_ratio": statistics.median(v[0] / b[0] for v, b in pairs) if pairs else None,
+                "wall_ratio": statistics.median(v[1] / b[1] for v, b in pairs) if pairs else None,
+                "added_cpu_us": statistics.median(v[0] - b[0] for v, b in pairs) if pairs else None,
+            }
         rows.append(row)
     return rows
 
@@ -440,8 +445,9 @@ def machine() -> str:
 def markdown(over: List[Dict[str, Any]], pair: List[Dict[str, Any]], instr: List[Dict[str, Any]],
              mem: Dict[str, Any], sc: List[Dict[str, Any]], st: Dict[str, Any]) -> str:
     lines = [f"Measured on: {machine()}, {time.strftime('%Y-%m-%d')}", "",
-             "Per operation: CPU time of the measured process (user+system; wall-clock ratio after the "
-             "slash), median of per-run medians; ratio to no agent.", "",
+             "Per operation: CPU time of the measured process (user+system), median of per-run medians; "
+             "ratios (CPU / wall clock) and added time are medians of each round's paired comparison with the "
+             "no-agent run of that round (same hash seed).", "",
              "| workload | no agent | connwatch | connwatch, pure Python | tracemalloc=16 | OpenTelemetry |",
              "|---|---|---|---|---|---|"]
     for row in over:
@@ -493,13 +499,13 @@ def markdown(over: List[Dict[str, Any]], pair: List[Dict[str, Any]], instr: List
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: shows it still runs")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--json", action="store_true", help="print the raw results as JSON")
     args = parser.parse_args()
     rounds = 1 if args.quick else args.rounds
     print(f"connwatch benchmarks on {machine()}", file=sys.stderr)
     over = overhead(rounds, args.quick)
-    pair = paired(3 if args.quick else 4 * rounds, args.quick)
+    pair = paired(3 if args.quick else 20, args.quick)
     instr = [] if args.quick else instructions()
     mem = memory(2000 if args.quick else 100_000)
     mem["py_bytes_per_client"] = memory(2000 if args.quick else 100_000, "connwatch-py").get("bytes_per_client")
