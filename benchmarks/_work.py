@@ -39,6 +39,16 @@ def make_op(workload: str, target: str) -> Callable[[], None]:
     elif workload.startswith("connect"):
         def op() -> None:
             socket.create_connection(addr).close()
+    elif workload.startswith("requests.Session"):  # the agent's whole work on a requests call
+        import requests
+
+        def op() -> None:
+            requests.Session().close()
+    elif workload.startswith("grpc channel create"):  # the agent's whole work on a grpc channel
+        import grpc
+
+        def op() -> None:
+            grpc.insecure_channel(target).close()
     elif workload.startswith("requests"):
         import requests
 

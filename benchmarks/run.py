@@ -110,6 +110,13 @@ def _measure(config: str, workload: str, n: int, target: str, folder: str,
     return float(cpu), float(wall)
 
 
+# The agent's work inside the requests and grpc workloads, on its own: what it wraps there is the
+# Session (with its PoolManagers) and the grpc channel; grpc's C core opens its own sockets.
+COMPONENTS: Dict[str, Tuple[int, int, Tuple[str, ...]]] = {
+    "requests.Session()+close": (20000, 500, AGENTS),
+    "grpc channel create+close (no call)": (20000, 500, AGENTS),
+}
+
 PAIRED = """\
 import json, statistics, sys, time
 sys.path.insert(0, sys.argv[5])
@@ -157,7 +164,7 @@ def paired(rounds: int, quick: bool) -> List[Dict[str, Any]]:
     folder = tempfile.mkdtemp(prefix="connwatch-bench-")
     rows = []
     try:
-        for workload, (n_full, n_quick, _configs) in WORKLOADS.items():
+        for workload, (n_full, n_quick, _configs) in {**WORKLOADS, **COMPONENTS}.items():
             target = servers["grpc" if "grpc" in workload else "http" if "requests" in workload else "tcp"].target
             row: Dict[str, Any] = {"workload": workload}
             for config in AGENTS:
