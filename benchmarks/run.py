@@ -480,7 +480,7 @@ def markdown(over: List[Dict[str, Any]], pair: List[Dict[str, Any]], instr: List
             cells.append(f"x{v['ratio']:.3f} ({v['added']:+.2f} µs)" if v else "n/a")
         lines.append(f"| {row['workload']} | " + " | ".join(cells) + " |")
     if instr:
-        lines += ["", "User-space instructions per operation (cachegrind; deterministic):", "",
+        lines += ["", "User-space instructions per operation (cachegrind, difference of a short and a long run):", "",
                   "| workload | no agent | connwatch | connwatch, pure Python |", "|---|---|---|---|"]
         for row in instr:
             base = row.get("none")
