@@ -27,6 +27,7 @@ nothing here asserts a time; --quick only shows it still runs (CI).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -38,7 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -152,20 +153,36 @@ print(json.dumps({"off": statistics.median(off_t), "on": statistics.median(on_t)
 """
 
 
-def paired(rounds: int, quick: bool) -> List[Dict[str, Any]]:
-    """The agent's own cost, without the differences between processes (hash seeds, memory
-    layout): one interpreter per workload and path alternates connwatch.disable()/enable()
-    around equal batches; medians of the paired ratios of this thread's CPU time."""
+@contextlib.contextmanager
+def _servers() -> Iterator[Tuple[Callable[[str], str], str]]:
+    """The loopback servers (each in its own process) and a scratch folder, for one section:
+    yields (the target host:port for a workload, the folder)."""
     servers = {
         "tcp": _Server([sys.executable, "-c", ACCEPT_SERVER]),
         "http": _Server([sys.executable, str(REPO / "tests" / "servers.py"), "http"]),
         "grpc": _Server([sys.executable, str(REPO / "tests" / "patches" / "grpc_server.py"), "sync"]),
     }
     folder = tempfile.mkdtemp(prefix="connwatch-bench-")
-    rows = []
+
+    def target_of(workload: str) -> str:
+        return servers["grpc" if "grpc" in workload else "http" if "requests" in workload else "tcp"].target
+
     try:
+        yield target_of, folder
+    finally:
+        for srv in servers.values():
+            srv.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def paired(rounds: int, quick: bool) -> List[Dict[str, Any]]:
+    """The agent's own cost, without the differences between processes (hash seeds, memory
+    layout): one interpreter per workload and path alternates connwatch.disable()/enable()
+    around equal batches; medians of the paired ratios of this thread's CPU time."""
+    rows = []
+    with _servers() as (target_of, folder):
         for workload, (n_full, n_quick, _configs) in {**WORKLOADS, **COMPONENTS}.items():
-            target = servers["grpc" if "grpc" in workload else "http" if "requests" in workload else "tcp"].target
+            target = target_of(workload)
             row: Dict[str, Any] = {"workload": workload}
             for config in AGENTS:
                 n = max(1, (n_quick if quick else n_full) // 5)
@@ -179,10 +196,6 @@ def paired(rounds: int, quick: bool) -> List[Dict[str, Any]]:
                     continue
                 row[config] = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(row)
-    finally:
-        for srv in servers.values():
-            srv.stop()
-        shutil.rmtree(folder, ignore_errors=True)
     return rows
 
 
@@ -212,21 +225,15 @@ def instructions() -> List[Dict[str, Any]]:
     if shutil.which("valgrind") is None:
         print("  (valgrind not installed: no instruction counts)", file=sys.stderr)
         return []
-    servers = {
-        "tcp": _Server([sys.executable, "-c", ACCEPT_SERVER]),
-        "http": _Server([sys.executable, str(REPO / "tests" / "servers.py"), "http"]),
-        "grpc": _Server([sys.executable, str(REPO / "tests" / "patches" / "grpc_server.py"), "sync"]),
-    }
-    folder = tempfile.mkdtemp(prefix="connwatch-bench-")
 
     def ops(n: int) -> int:  # what _work.py runs for n: a warm-up of half a batch, then 5 batches
         batch = max(1, n // 5)
         return max(1, batch // 2) + 5 * batch
 
     rows = []
-    try:
+    with _servers() as (target_of, folder):
         for workload, (short, long) in INSTR_OPS.items():
-            target = servers["grpc" if "grpc" in workload else "http" if "requests" in workload else "tcp"].target
+            target = target_of(workload)
             row: Dict[str, Any] = {"workload": workload}
             for config in ("none", *AGENTS):
                 a = _instructions_run(config, workload, short, target, folder)
@@ -234,10 +241,6 @@ def instructions() -> List[Dict[str, Any]]:
                 if a is not None and b is not None:
                     row[config] = (b - a) / (ops(long) - ops(short))
             rows.append(row)
-    finally:
-        for srv in servers.values():
-            srv.stop()
-        shutil.rmtree(folder, ignore_errors=True)
     return rows
 
 
@@ -245,27 +248,17 @@ def overhead(rounds: int, quick: bool) -> List[Dict[str, Any]]:
     """Median us/op per workload and configuration, alternating configurations per round; the
     ratios are medians of each round's ratio to that round's no-agent run (same hash seed), which
     cancels the drifts of a shared machine that hit the configurations of one round alike."""
-    servers = {
-        "tcp": _Server([sys.executable, "-c", ACCEPT_SERVER]),
-        "http": _Server([sys.executable, str(REPO / "tests" / "servers.py"), "http"]),
-        "grpc": _Server([sys.executable, str(REPO / "tests" / "patches" / "grpc_server.py"), "sync"]),
-    }
-    folder = tempfile.mkdtemp(prefix="connwatch-bench-")
-    try:
+    with _servers() as (target_of, folder):
         results: Dict[str, Dict[str, List[Optional[Tuple[float, float]]]]] = {
             w: {c: [] for c in CONFIGS} for w in WORKLOADS}
         for r in range(rounds):
             for workload, (n_full, n_quick, configs) in WORKLOADS.items():
-                target = servers["grpc" if "grpc" in workload else "http" if "requests" in workload else "tcp"].target
+                target = target_of(workload)
                 order = configs if r % 2 == 0 else tuple(reversed(configs))
                 for config in order:
                     results[workload][config].append(
                         _measure(config, workload, n_quick if quick else n_full, target, folder, seed=r + 1))
             print(f"  round {r + 1}/{rounds} done", file=sys.stderr)
-    finally:
-        for s in servers.values():
-            s.stop()
-        shutil.rmtree(folder, ignore_errors=True)
     rows = []
     for workload, per in results.items():
         row: Dict[str, Any] = {"workload": workload}

@@ -245,10 +245,10 @@ static PyWeakReference *weakrefs_of(PyObject *obj) {
     return (PyWeakReference *)*PyObject_GET_WEAKREFS_LISTPTR(obj);
 }
 
-/* The first weakref of obj that is ours and (unless any) not closed: borrowed, or NULL. */
-static RefObject *ref_of(PyObject *obj, int open_only) {
+/* obj's live (not released) Ref: borrowed, or NULL. */
+static RefObject *ref_of(PyObject *obj) {
     for (PyWeakReference *r = weakrefs_of(obj); r != NULL; r = r->wr_next) {
-        if (Ref_Check((PyObject *)r) && (!open_only || !((RefObject *)r)->closed)) return (RefObject *)r;
+        if (Ref_Check((PyObject *)r) && !((RefObject *)r)->closed) return (RefObject *)r;
     }
     return NULL;
 }
@@ -694,7 +694,7 @@ static PyObject *sp_track(PyObject *self, PyObject *const *args, Py_ssize_t narg
 
 static PyObject *sp_release(PyObject *self, PyObject *obj) {
     /* Count obj as closed; False when it was not tracked (or already released). */
-    RefObject *ref = ref_of(obj, 1);
+    RefObject *ref = ref_of(obj);
     if (ref == NULL) Py_RETURN_FALSE;
     ref->closed = 1;
     if (queue(PyTuple_Pack(2, tags[EV_RELEASE], (PyObject *)ref)) < 0) return NULL;
@@ -708,7 +708,7 @@ static PyObject *sp_set_role(PyObject *self, PyObject *const *args, Py_ssize_t n
     PyObject *names[4] = {NULL, s_role, s_upstream, s_reservation};
     if (parse_args(args, nargs, kwnames, a, 2, 4, names, "set_role") < 0) return NULL;
     PyObject *obj = a[0], *role = a[1], *up = a[2], *res = a[3];
-    RefObject *ref = ref_of(obj, 1);
+    RefObject *ref = ref_of(obj);
     if (ref != NULL) {
         SETF(ref->want_role, role);
         SETF(ref->want_up, up);
@@ -725,14 +725,14 @@ static PyObject *sp_set_role(PyObject *self, PyObject *const *args, Py_ssize_t n
 }
 
 static PyObject *sp_ref_of(PyObject *self, PyObject *obj) {
-    RefObject *ref = ref_of(obj, 1);
+    RefObject *ref = ref_of(obj);
     if (ref == NULL) Py_RETURN_NONE;
     Py_INCREF(ref);
     return (PyObject *)ref;
 }
 
 static PyObject *sp_is_tracked(PyObject *self, PyObject *obj) {
-    return PyBool_FromLong(ref_of(obj, 1) != NULL);
+    return PyBool_FromLong(ref_of(obj) != NULL);
 }
 
 static PyObject *sp_bind(PyObject *self, PyObject *args) {
