@@ -3,11 +3,14 @@ read back per process."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -65,3 +68,22 @@ def last_json(stdout: str) -> Any:
         except ValueError:
             continue
     raise AssertionError(f"no JSON line in {stdout!r}")
+
+
+def remove_tree(folder: Path, timeout: float = 10.0) -> None:
+    """``rm -rf folder`` while an agent may be writing into it: an entry that vanishes under us
+    (the agent's temp file renamed) is fine, and a file written between the listing and the
+    ``rmdir`` means another pass. Returns once one pass removed the folder."""
+
+    def gone(func: Any, path: str, exc_info: Any) -> None:
+        if not isinstance(exc_info[1], FileNotFoundError):
+            raise exc_info[1]
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            shutil.rmtree(folder, onerror=gone)
+            return
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY or time.monotonic() > deadline:
+                raise

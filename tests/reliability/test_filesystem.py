@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator, List
 
@@ -17,7 +18,7 @@ import pytest
 
 from tests.conftest import clean_env
 
-from .conftest import last_json, run, totals, write_app
+from .conftest import last_json, remove_tree, run, totals, write_app
 
 STEP_APP = '''\
 import json, os, socket, sys, time
@@ -75,7 +76,7 @@ def test_folder_removed_at_run_time_is_made_again(tmp_path: Path) -> None:
     try:
         assert app.step(3) == 3
         assert app.snapshot()["totals"]["live"] >= 3
-        shutil.rmtree(folder)
+        remove_tree(folder)
         assert app.step(2) == 5  # the app goes on
         assert folder.is_dir(), "the agent makes its folder again"
         assert folder.stat().st_mode & 0o777 == 0o700
@@ -214,10 +215,18 @@ def test_folder_taken_over_by_another_user_at_run_time_is_refused(tmp_path: Path
     app = App(tmp_path, folder)
     try:
         assert app.step(2) == 2
-        shutil.rmtree(folder)
-        folder.mkdir(mode=0o777)
-        folder.chmod(0o777)
-        os.chown(folder, 65534, 65534)  # someone else's, writable by all
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        theirs.chmod(0o777)
+        os.chown(theirs, 65534, 65534)  # someone else's, writable by all
+        deadline = time.monotonic() + 10
+        while True:  # the agent makes its folder again as soon as it is gone: swap it in at once
+            remove_tree(folder)
+            try:
+                os.rename(theirs, folder)  # fails if the agent got there first
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "could not put the other user's folder in place"
         assert app.step(1) == 3
         assert list(folder.iterdir()) == [], "our snapshot never lands in a folder another user controls"
     finally:
