@@ -1,6 +1,6 @@
 """connwatch overhead, side by side with the tools users would pick instead, in one run.
 
-    python benchmarks/run.py [--quick] [--rounds R] [--markdown]
+    python benchmarks/run.py [--quick] [--rounds R] [--json]
 
 Every workload runs in a fresh interpreter per configuration, alternating configurations
 within each round; the result is the median over rounds of each run's median, and the
@@ -14,9 +14,12 @@ ratio to the no-agent run of the same round set:
 
 Workloads: socket()+close; loopback TCP connect+close; an HTTP request on a new connection
 through requests; grpc channel create + one unary call + close; socket()+close and the grpc
-workload at a 40-frame user stack. Then: memory per live tracked client, the cost of one
-snapshot and one metric collection at 10 / 1,000 / 10,000 call sites, and interpreter
-start-up with the agent not installed, installed but off, and on.
+workload at a 40-frame user stack. Then each tool's own cost on the calling thread, in one
+interpreter per workload and tool switching it on and off between batches (``_toggle.py``, with
+an A/A control), user-space instruction counts, memory per live tracked client (sockets and
+urllib3 PoolManagers), the cost of one snapshot and one metric collection at 10 / 1,000 /
+10,000 call sites, and interpreter start-up with the agent not installed, installed but off,
+and on.
 
 It measures the installed connwatch (``pip install .``, as scripts/test.sh does), not the
 checkout: the wheel carries the compiled extension. The servers run in their own processes on
@@ -118,39 +121,17 @@ COMPONENTS: Dict[str, Tuple[int, int, Tuple[str, ...]]] = {
     "grpc channel create+close (no call)": (20000, 500, AGENTS),
 }
 
-PAIRED = """\
-import json, statistics, sys, time
-sys.path.insert(0, sys.argv[5])
-from _work import DEPTH, deep, make_op
-import connwatch
-workload, n, rounds, target, _, folder = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], 0, sys.argv[6]
-op = make_op(workload, target)
-def run(count):
-    def loop():
-        for _ in range(count):
-            op()
-    c0 = time.thread_time()
-    if workload.endswith("@40"):
-        deep(DEPTH, loop)
-    else:
-        loop()
-    return (time.thread_time() - c0) / count * 1e6
-def on():
-    connwatch.enable(dir=folder, snapshot_interval=3600)
-run(max(1, n // 4)); on(); run(max(1, n // 4)); connwatch.disable()  # warm-up, both ways
-off_t, on_t = [], []
-for r in range(rounds):
-    for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
-        if mode == "on":
-            on()
-            on_t.append(run(n))
-            connwatch.disable()
-        else:
-            off_t.append(run(n))
-print(json.dumps({"off": statistics.median(off_t), "on": statistics.median(on_t),
-                  "ratio": statistics.median(a / b for a, b in zip(on_t, off_t)),
-                  "added": statistics.median(a - b for a, b in zip(on_t, off_t))}))
-"""
+# workload -> (K operations per batch, pairs of batches) for toggled(): a batch lasts about 1 ms or more.
+TOGGLE: Dict[str, Tuple[int, int]] = {
+    "socket()+close": (200, 600),
+    "socket()+close@40": (200, 600),
+    "connect+close (loopback TCP)": (40, 600),
+    "requests.get, new connection": (2, 1500),
+    "grpc channel+call+close": (2, 1500),
+    "grpc channel+call+close@40": (2, 1500),
+    "requests.Session()+close": (50, 600),
+    "grpc channel create+close (no call)": (20, 600),
+}
 
 
 @contextlib.contextmanager
@@ -175,27 +156,38 @@ def _servers() -> Iterator[Tuple[Callable[[str], str], str]]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def paired(rounds: int, quick: bool) -> List[Dict[str, Any]]:
-    """The agent's own cost, without the differences between processes (hash seeds, memory
-    layout): one interpreter per workload and path alternates connwatch.disable()/enable()
-    around equal batches; medians of the paired ratios of this thread's CPU time."""
+def _toggle_configs(workload: str) -> Tuple[str, ...]:
+    """The configurations toggled() runs for ``workload``: the A/A control and the tools that apply."""
+    applies = WORKLOADS[workload][2] if workload in WORKLOADS else COMPONENTS[workload][2]
+    return tuple(c for c in CONFIGS if c == "none" or c in applies)
+
+
+def toggled(quick: bool, workloads: Optional[Dict[str, Tuple[int, int]]] = None) -> List[Dict[str, Any]]:
+    """Each tool's own cost on the calling thread, without the differences between processes:
+    one interpreter per (workload, configuration) runs ``_toggle.py``, which switches the tool on
+    and off between batches of K operations, in random order per pair. ``none`` switches nothing
+    (the A/A control). ``workloads``: workload -> (K, pairs), by default all of TOGGLE."""
     rows = []
     with _servers() as (target_of, folder):
-        for workload, (n_full, n_quick, _configs) in {**WORKLOADS, **COMPONENTS}.items():
+        for workload, (k, pairs) in (TOGGLE if workloads is None else workloads).items():
+            if quick:
+                k, pairs = min(k, 10), 6
             target = target_of(workload)
             row: Dict[str, Any] = {"workload": workload}
-            for config in AGENTS:
-                n = max(1, (n_quick if quick else n_full) // 5)
-                env = {**_env(config, folder), "CONNWATCH_ENABLED": "0"}  # enabled by the script itself
-                proc = subprocess.run([sys.executable, "-c", PAIRED, workload, str(n), str(2 if quick else rounds),
-                                       target, str(HERE), folder], env=env, cwd=folder, capture_output=True,
-                                      text=True, timeout=900)
+            t0 = time.perf_counter()
+            for config in _toggle_configs(workload):
+                env = {**_env(config, folder), "CONNWATCH_ENABLED": "0"}  # a tool is switched by the script
+                proc = subprocess.run([sys.executable, str(HERE / "_toggle.py"), config, workload, str(pairs),
+                                       str(k), target, folder], env=env, cwd=folder, capture_output=True,
+                                      text=True, timeout=1800)
                 if proc.returncode != 0:
-                    print(f"  [paired {config} {workload}] failed: {proc.stderr.strip().splitlines()[-1:]}",
+                    print(f"  [toggled {config} {workload}] failed: {proc.stderr.strip().splitlines()[-1:]}",
                           file=sys.stderr)
                     continue
                 row[config] = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(row)
+            print(f"  toggled {workload}: {len(row) - 1} configurations, K={k}, {pairs} pairs, "
+                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return rows
 
 
@@ -279,40 +271,92 @@ def overhead(rounds: int, quick: bool) -> List[Dict[str, Any]]:
 
 MEMORY = """\
 import gc, json, os, resource, socket, sys, tracemalloc
-n = int(sys.argv[1])
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-want = n + 200
-try:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), max(hard, want)))
-except (ValueError, OSError):
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    n = min(n, hard - 200)
+kind, n, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if kind == "socket":
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n + 200
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), max(hard, want)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        n = min(n, hard - 200)
+    make = socket.socket
+else:
+    import urllib3  # imported (and patched on enable) before the measurement
+    make = urllib3.PoolManager
 import connwatch
-connwatch.enable(dir=sys.argv[2], snapshot_interval=0)
-gc.collect()
+from connwatch import bootstrap, patches
+# The agent's own files only: the installed package's folder (a checkout's path may itself
+# contain "connwatch", and then would match urllib3's files in its venv).
+pkg = os.path.join(os.path.dirname(os.path.realpath(connwatch.__file__)), "")
+connwatch.enable(dir=folder, snapshot_interval=0)
+cfg = bootstrap.config()
+disabled = cfg.disabled_patches if cfg is not None else ()
+def build(count):
+    return [make() for _ in range(count)]  # one call site for every batch
+def measure(on):  # (all bytes, the agent's files' bytes, live clients) for n clients, patches on/off
+    if on:
+        patches.install(disabled)
+    else:
+        patches.uninstall()
+    warm = build(50)  # first use of the call site, lazy imports
+    connwatch.snapshot()
+    del warm
+    gc.collect()
+    before = tracemalloc.take_snapshot()
+    clients = build(n)
+    live = connwatch.snapshot().live  # applies queued events
+    after = tracemalloc.take_snapshot()
+    stats = after.compare_to(before, "filename")
+    total = sum(s.size_diff for s in stats)
+    ours = sum(s.size_diff for s in stats if os.path.realpath(s.traceback[0].filename).startswith(pkg))
+    del clients
+    gc.collect()
+    return total, ours, live
 tracemalloc.start()
-before = tracemalloc.take_snapshot()
-socks = [socket.socket() for _ in range(n)]
-connwatch.snapshot()  # applies queued events
-after = tracemalloc.take_snapshot()
-ours = sum(s.size_diff for s in after.compare_to(before, "filename")
-           if "connwatch" in s.traceback[0].filename)
-print(json.dumps({"n": n, "bytes_per_client": ours / n, "live": connwatch.snapshot().live}))
+off_total, _, _ = measure(False)
+on_total, ours, live = measure(True)
+print(json.dumps({"kind": kind, "n": n, "bytes_per_client": ours / n,
+                  "net_bytes_per_client": (on_total - off_total) / n, "live": live}))
 """
 
 
-def memory(n: int, config: str = "connwatch") -> Dict[str, Any]:
-    """Bytes the agent allocates per live tracked socket (tracemalloc, agent files only)."""
+def memory(n: int, config: str = "connwatch", kind: str = "socket") -> Dict[str, Any]:
+    """Bytes the agent allocates per live tracked client, ``kind`` "socket" (as many live sockets
+    as RLIMIT_NOFILE allows, up to n) or "pool" (n live ``urllib3.PoolManager()`` made by the app),
+    in one interpreter with the agent running, after a warm-up of the call site:
+
+    * net_bytes_per_client: every allocation (tracemalloc) with the patches installed, minus the
+      same with them removed;
+    * bytes_per_client: the allocations tracemalloc attributes to the agent's own files (the
+      installed package's folder). This also counts what the client's constructor allocates while
+      its arguments are bound at the wrapper's call of the original (PoolManager's
+      ``**connection_pool_kw`` dict, 64 bytes), which is the client's, not the agent's."""
     folder = tempfile.mkdtemp(prefix="connwatch-bench-")
     try:
         env = {**_env(config, folder), "CONNWATCH_ENABLED": "0"}  # enabled by the script itself
-        proc = subprocess.run([sys.executable, "-c", MEMORY, str(n), folder], env=env, cwd=folder,
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([sys.executable, "-c", MEMORY, kind, str(n), folder], env=env, cwd=folder,
+                              capture_output=True, text=True, timeout=1200)
         if proc.returncode != 0:
-            return {"error": proc.stderr.strip().splitlines()[-1:]}
-        return dict(json.loads(proc.stdout))
+            print(f"  [memory {config} {kind}] failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+            return {}
+        return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def memories(n: int) -> Dict[str, Any]:
+    """memory() for sockets and urllib3 PoolManagers, C and pure-Python paths, in one dict:
+    n / bytes_per_client / net_bytes_per_client / live (sockets), pool_n / pool_bytes_per_client /
+    pool_net_bytes_per_client / pool_live, and the same with a ``py_`` prefix (pure Python)."""
+    out: Dict[str, Any] = {}
+    for config, prefix in (("connwatch", ""), ("connwatch-py", "py_")):
+        for kind, sub in (("socket", ""), ("pool", "pool_")):
+            got = memory(n, config, kind)
+            for key in ("n", "bytes_per_client", "net_bytes_per_client", "live"):
+                if key in got:
+                    out[f"{prefix}{sub}{key}"] = got[key]
+    return out
 
 
 def scale(reps: int) -> List[Dict[str, Any]]:
@@ -442,7 +486,7 @@ def machine() -> str:
             f"{os.cpu_count()} vCPU ({cpu}); connwatch C hot path: {'yes' if accelerated() else 'NO (pure Python)'}")
 
 
-def markdown(over: List[Dict[str, Any]], pair: List[Dict[str, Any]], instr: List[Dict[str, Any]],
+def markdown(over: List[Dict[str, Any]], tog: List[Dict[str, Any]], instr: List[Dict[str, Any]],
              mem: Dict[str, Any], sc: List[Dict[str, Any]], st: Dict[str, Any]) -> str:
     lines = [f"Measured on: {machine()}, {time.strftime('%Y-%m-%d')}", "",
              "Per operation: CPU time of the measured process (user+system), median of per-run medians; "
@@ -462,15 +506,21 @@ def markdown(over: List[Dict[str, Any]], pair: List[Dict[str, Any]], instr: List
                 cells.append(f"{v['cpu_us']:.2f} µs, x{v['cpu_ratio']:.3f} / x{v['wall_ratio']:.3f} "
                              f"({v['added_cpu_us']:+.2f} µs)")
         lines.append(f"| {row['workload']} | " + " | ".join(cells) + " |")
-    lines += ["", "The agent's own cost, in one interpreter per row alternating `disable()`/`enable()` "
-              "(median of paired ratios of the thread's CPU time):", "",
-              "| workload | agent off | connwatch | connwatch, pure Python |", "|---|---|---|---|"]
-    for row in pair:
-        base = next((row[c]["off"] for c in AGENTS if c in row), None)
+    lines += ["", "Each tool's own cost on the calling thread, in one interpreter per row and tool: the tool is "
+              "switched on and off between batches of K operations (a batch lasts about 1 ms or more), in random "
+              "order per pair of batches, and each cell is the median of the per-pair differences of the calling "
+              "thread's CPU time per operation, as a ratio to the tool-off time with a bootstrap 95% interval "
+              "[low, high] and in µs added per operation. The A/A control switches nothing: its interval is "
+              "the method's resolution.", "",
+              "| workload | tool off (µs per op, thread CPU) | A/A control | connwatch | connwatch, pure Python "
+              "| tracemalloc=16 | OpenTelemetry |", "|---|---|---|---|---|---|---|"]
+    for row in tog:
+        base = row.get("connwatch", {}).get("off_us")
         cells = [f"{base:.2f} µs" if base is not None else "n/a"]
-        for c in AGENTS:
+        for c in CONFIGS:
             v = row.get(c)
-            cells.append(f"x{v['ratio']:.3f} ({v['added']:+.2f} µs)" if v else "n/a")
+            cells.append(f"x{v['ratio']:.3f} [{v['ratio_lo']:.3f}, {v['ratio_hi']:.3f}] ({v['added_us']:+.2f} µs)"
+                         if v else "n/a")
         lines.append(f"| {row['workload']} | " + " | ".join(cells) + " |")
     if instr:
         lines += ["", "User-space instructions per operation (cachegrind, difference of a short and a long run):", "",
@@ -482,9 +532,23 @@ def markdown(over: List[Dict[str, Any]], pair: List[Dict[str, Any]], instr: List
                 v = row.get(c)
                 cells.append(f"{v:,.0f}, x{v / base:.3f} ({v - base:+,.0f})" if v and base else "n/a")
             lines.append(f"| {row['workload']} | " + " | ".join(cells) + " |")
-    lines += ["", f"Memory per live tracked client: {mem.get('bytes_per_client', float('nan')):.0f} bytes, "
-              f"pure Python {mem.get('py_bytes_per_client', float('nan')):.0f} bytes "
-              f"(tracemalloc, agent allocations, {mem.get('n')} live sockets)", "",
+
+    def per(key: str) -> str:
+        v = mem.get(key)
+        return f"{v:,.0f}" if isinstance(v, (int, float)) else "n/a"
+
+    def count(key: str) -> str:
+        v = mem.get(key)
+        return f"{v:,}" if isinstance(v, int) else "n/a"
+
+    lines += ["", "Memory per live tracked client (tracemalloc, every allocation with the agent's patches on minus "
+              f"off): {per('net_bytes_per_client')} bytes per socket ({count('n')} live sockets), "
+              f"{per('pool_net_bytes_per_client')} bytes per urllib3.PoolManager ({count('pool_n')} live); "
+              f"pure Python: {per('py_net_bytes_per_client')} bytes per socket ({count('py_n')} live sockets), "
+              f"{per('py_pool_net_bytes_per_client')} bytes per urllib3.PoolManager ({count('py_pool_n')} live). "
+              f"Attributed to the agent's own files: {per('bytes_per_client')} / {per('pool_bytes_per_client')}, "
+              f"pure Python {per('py_bytes_per_client')} / {per('py_pool_bytes_per_client')} bytes (the "
+              "PoolManager's own `**kwargs` dict is made at the agent's call of the original `__init__`).", "",
               "| call sites | live clients | snapshot | JSON | metric collection |", "|---|---|---|---|---|"]
     for r in sc:
         coll = f"{r['collection_ms']:.3f} ms" if r["collection_ms"] is not None else "n/a"
@@ -505,17 +569,16 @@ def main() -> None:
     rounds = 1 if args.quick else args.rounds
     print(f"connwatch benchmarks on {machine()}", file=sys.stderr)
     over = overhead(rounds, args.quick)
-    pair = paired(3 if args.quick else 20, args.quick)
+    tog = toggled(args.quick)
     instr = [] if args.quick else instructions()
-    mem = memory(2000 if args.quick else 100_000)
-    mem["py_bytes_per_client"] = memory(2000 if args.quick else 100_000, "connwatch-py").get("bytes_per_client")
+    mem = memories(2000 if args.quick else 100_000)
     sc = scale(3 if args.quick else 15)
     st = startup(5 if args.quick else 41)
     if args.json:
-        print(json.dumps({"machine": machine(), "overhead": over, "paired": pair, "instructions": instr,
+        print(json.dumps({"machine": machine(), "overhead": over, "toggled": tog, "instructions": instr,
                           "memory": mem, "scale": sc, "startup": st}, indent=1))
     else:
-        print(markdown(over, pair, instr, mem, sc, st))
+        print(markdown(over, tog, instr, mem, sc, st))
 
 
 if __name__ == "__main__":

@@ -662,52 +662,63 @@ static int parse_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames
     return 0;
 }
 
+/* Count obj as one live client of kind made at site (borrowed arguments; role, up and res may
+   be NULL or None). 0, or -1 with an exception. */
+static int track_obj(PyObject *obj, PyObject *kind, PyObject *site, PyObject *role, PyObject *up, PyObject *res) {
+    RefObject *ref = (RefObject *)new_ref(obj);
+    if (ref == NULL) return -1;
+    ref->closed = 0;
+    if (role != NULL) SETF(ref->want_role, role);
+    if (up != NULL) SETF(ref->want_up, up);
+    ref->born = monotonic();
+    int rc = queue(PyTuple_Pack(5, tags[EV_TRACK], (PyObject *)ref, kind, site, res != NULL ? res : Py_None));
+    Py_DECREF(ref);
+    if (rc < 0 || maybe_flush() < 0) return -1;
+    PyObject *hook = PyDict_GetItemWithError(reg_globals, s_on_track); /* borrowed */
+    if (hook == NULL && PyErr_Occurred()) return -1;
+    if (hook != NULL && hook != Py_None) {
+        Py_INCREF(hook);
+        PyObject *r = PyObject_CallFunctionObjArgs(hook, obj, kind, site, up != NULL ? up : Py_None, NULL);
+        Py_DECREF(hook);
+        if (r == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+            report("on_track hook");
+        }
+        Py_XDECREF(r);
+    }
+    return 0;
+}
+
 static PyObject *sp_track(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     /* track(obj, kind, site, role=None, upstream=None, reservation=None) */
     PyObject *a[6];
     PyObject *names[6] = {NULL, NULL, NULL, s_role, s_upstream, s_reservation};
     if (parse_args(args, nargs, kwnames, a, 3, 6, names, "track") < 0) return NULL;
-    PyObject *obj = a[0], *kind = a[1], *site = a[2], *role = a[3], *up = a[4], *res = a[5];
-    RefObject *ref = (RefObject *)new_ref(obj);
-    if (ref == NULL) return NULL;
-    ref->closed = 0;
-    SETF(ref->want_role, role);
-    SETF(ref->want_up, up);
-    ref->born = monotonic();
-    int rc = queue(PyTuple_Pack(5, tags[EV_TRACK], (PyObject *)ref, kind, site, res));
-    Py_DECREF(ref);
-    if (rc < 0 || maybe_flush() < 0) return NULL;
-    PyObject *hook = PyDict_GetItemWithError(reg_globals, s_on_track); /* borrowed */
-    if (hook == NULL && PyErr_Occurred()) return NULL;
-    if (hook != NULL && hook != Py_None) {
-        Py_INCREF(hook);
-        PyObject *r = PyObject_CallFunctionObjArgs(hook, obj, kind, site, up, NULL);
-        Py_DECREF(hook);
-        if (r == NULL) {
-            if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL;
-            report("on_track hook");
-        }
-        Py_XDECREF(r);
-    }
+    if (track_obj(a[0], a[1], a[2], a[3], a[4], a[5]) < 0) return NULL;
     Py_RETURN_NONE;
+}
+
+/* Count obj as closed: 1, 0 when it was not tracked (or already released), -1 with an exception. */
+static int release_obj(PyObject *obj) {
+    RefObject *ref = ref_of(obj);
+    if (ref == NULL) return 0;
+    ref->closed = 1;
+    if (queue(PyTuple_Pack(2, tags[EV_RELEASE], (PyObject *)ref)) < 0) return -1;
+    if (maybe_flush() < 0) return -1;
+    return 1;
 }
 
 static PyObject *sp_release(PyObject *self, PyObject *obj) {
     /* Count obj as closed; False when it was not tracked (or already released). */
-    RefObject *ref = ref_of(obj);
-    if (ref == NULL) Py_RETURN_FALSE;
-    ref->closed = 1;
-    if (queue(PyTuple_Pack(2, tags[EV_RELEASE], (PyObject *)ref)) < 0) return NULL;
-    if (maybe_flush() < 0) return NULL;
-    Py_RETURN_TRUE;
+    int rc = release_obj(obj);
+    if (rc < 0) return NULL;
+    return PyBool_FromLong(rc);
 }
 
-static PyObject *sp_set_role(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
-    /* set_role(obj, role, upstream=None, reservation=None) */
-    PyObject *a[4];
-    PyObject *names[4] = {NULL, s_role, s_upstream, s_reservation};
-    if (parse_args(args, nargs, kwnames, a, 2, 4, names, "set_role") < 0) return NULL;
-    PyObject *obj = a[0], *role = a[1], *up = a[2], *res = a[3];
+/* set_role on obj (borrowed arguments; up and res may be NULL or None): 0, or -1 with an exception. */
+static int set_role_obj(PyObject *obj, PyObject *role, PyObject *up, PyObject *res) {
+    if (up == NULL) up = Py_None;
+    if (res == NULL) res = Py_None;
     RefObject *ref = ref_of(obj);
     if (ref != NULL) {
         SETF(ref->want_role, role);
@@ -715,12 +726,20 @@ static PyObject *sp_set_role(PyObject *self, PyObject *const *args, Py_ssize_t n
         /* Not yet applied (the usual case: a socket connects right after it is made): the
            track event reads the wanted role. Otherwise (or with a reservation) an event. */
         if (NN(ref->stat) != NULL || res != Py_None) {
-            if (queue(PyTuple_Pack(3, tags[EV_ROLE], (PyObject *)ref, res)) < 0) return NULL;
+            if (queue(PyTuple_Pack(3, tags[EV_ROLE], (PyObject *)ref, res)) < 0) return -1;
         }
     } else if (res != Py_None) {
-        if (queue(PyTuple_Pack(2, tags[EV_UNRESERVE], res)) < 0) return NULL;
+        if (queue(PyTuple_Pack(2, tags[EV_UNRESERVE], res)) < 0) return -1;
     }
-    if (maybe_flush() < 0) return NULL;
+    return maybe_flush();
+}
+
+static PyObject *sp_set_role(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    /* set_role(obj, role, upstream=None, reservation=None) */
+    PyObject *a[4];
+    PyObject *names[4] = {NULL, s_role, s_upstream, s_reservation};
+    if (parse_args(args, nargs, kwnames, a, 2, 4, names, "set_role") < 0) return NULL;
+    if (set_role_obj(a[0], a[1], a[2], a[3]) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -876,23 +895,11 @@ static PyObject *sp_clear_caches(PyObject *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-static PyObject *sp_find(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    /* find(depth=2): as connwatch._callsite.find (depth counted from find's own frame, which a
-       C function does not have: the caller's frame is depth 1). */
-    long depth = 2;
-    if (nargs > 1) { PyErr_SetString(PyExc_TypeError, "find() takes at most 1 argument"); return NULL; }
-    if (nargs == 1) {
-        depth = PyLong_AsLong(args[0]);
-        if (depth == -1 && PyErr_Occurred()) return NULL;
-    }
-    PyFrameObject *f = PyEval_GetFrame(); /* borrowed */
-    Py_XINCREF(f);
-    for (long i = 1; i < depth && f != NULL; i++) {
-        PyFrameObject *b = PyFrame_GetBack(f);
-        Py_DECREF(f);
-        f = b;
-    }
+/* The call site for a walk that starts at frame f (borrowed; NULL: no frame): a new reference to
+   the site, None for the agent's own frames, or NULL with an exception. */
+static PyObject *find_from(PyFrameObject *f) {
     if (f == NULL) { Py_INCREF(cs_overflow); return cs_overflow; }
+    Py_INCREF(f);
     PyFrameObject *start = f;
     Py_INCREF(start);
     PyObject *result = NULL;
@@ -923,6 +930,454 @@ out:
     return result;
 }
 
+static PyObject *sp_find(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    /* find(depth=2): as connwatch._callsite.find (depth counted from find's own frame, which a
+       C function does not have: the caller's frame is depth 1). */
+    long depth = 2;
+    if (nargs > 1) { PyErr_SetString(PyExc_TypeError, "find() takes at most 1 argument"); return NULL; }
+    if (nargs == 1) {
+        depth = PyLong_AsLong(args[0]);
+        if (depth == -1 && PyErr_Occurred()) return NULL;
+    }
+    PyFrameObject *f = PyEval_GetFrame(); /* borrowed */
+    Py_XINCREF(f);
+    for (long i = 1; i < depth && f != NULL; i++) {
+        PyFrameObject *b = PyFrame_GetBack(f);
+        Py_DECREF(f);
+        f = b;
+    }
+    PyObject *result = find_from(f);
+    Py_XDECREF(f);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* the patch wrappers: the same behaviour as connwatch/patches/_common.py's _make_init,        */
+/* _make_close and _make_nest and stdlib_socket.py's __init__, _real_close and connect         */
+/* wrappers, without a Python frame each (a requests.get() runs about nine of them)            */
+
+enum { W_INIT = 0, W_CLOSE, W_NEST, W_SOCK_INIT, W_SOCK_CLOSE, W_SOCK_CONNECT };
+enum { RULE_TRACK = 0, RULE_SKIP = 1, RULE_LIBRARY = 2 };
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    int action;
+    PyObject *call;     /* the original */
+    PyObject *kind;     /* client kind (str) */
+    PyObject *upstream; /* upstream(args[1:], kwargs) -> str | None, or None */
+    PyObject *up_cache; /* with up_name: {constructor argument: upstream} tried first, or NULL */
+    PyObject *up_name;  /* the keyword name of that argument (at position up_index after self) */
+    Py_ssize_t up_index;
+    PyObject *rule;     /* rule(frame) -> TRACK | SKIP | LIBRARY, or None */
+    PyObject *armed;    /* an object whose .on is False once unpatched, or None (always on) */
+    PyObject *where;    /* what an internal error report names */
+    PyObject *extra;    /* socket wrappers: see make_socket_wrapper */
+    PyObject *dict;     /* __dict__ (functools.wraps fills it) */
+} WrapperObject;
+
+static PyTypeObject WrapperType;
+static Py_tss_t depth_key = Py_tss_NEEDS_INIT; /* wrapped constructors running on this thread */
+static PyObject *limits_globals; /* connwatch._limits.__dict__ (its _policy: None = no cap) */
+static PyObject *guarded_check_fn, *library_site_fn, *before_connect_fn, *s_policy, *s_on;
+
+/* Report the exception being raised as an internal error of `where` (a str), and clear it. */
+static void report_obj(PyObject *where) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value != NULL && tb != NULL) PyException_SetTraceback(value, tb);
+    PyObject *r = PyObject_CallFunctionObjArgs(report_fn, where, value ? value : Py_None, NULL);
+    if (r == NULL) PyErr_Clear();
+    Py_XDECREF(r);
+    Py_XDECREF(type); Py_XDECREF(value); Py_XDECREF(tb);
+}
+
+static inline intptr_t get_depth(void) { return (intptr_t)PyThread_tss_get(&depth_key); }
+static inline void set_depth(intptr_t n) { PyThread_tss_set(&depth_key, (void *)n); }
+
+/* 1 when the wrapper is armed, 0 when not, -1 with an exception. */
+static int armed_on(WrapperObject *w) {
+    if (w->armed == Py_None) return 1;
+    PyObject *on = PyObject_GetAttr(w->armed, s_on);
+    if (on == NULL) return -1;
+    int r = PyObject_IsTrue(on);
+    Py_DECREF(on);
+    return r;
+}
+
+/* Whether a cap is configured (connwatch._limits._policy is not None). */
+static int capped(void) {
+    PyObject *p = PyDict_GetItemWithError(limits_globals, s_policy); /* borrowed */
+    if (p == NULL) { PyErr_Clear(); return 0; }
+    return p != Py_None;
+}
+
+/* Give back a reservation (borrowed; None: nothing) whose client was never made, keeping any
+   exception being raised. */
+static void unreserve_keep(PyObject *res, PyObject *where) {
+    if (res == NULL || res == Py_None) return;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (queue(PyTuple_Pack(2, tags[EV_UNRESERVE], res)) < 0) {
+        report_obj(where);
+    } else {
+        PyObject *r = PyObject_CallNoArgs(flush_fn);
+        if (r == NULL) report_obj(where);
+        Py_XDECREF(r);
+    }
+    PyErr_Restore(type, value, tb);
+}
+
+/* upstream(args[1:], kwargs) for a constructor call; a new reference or NULL with an exception. */
+static PyObject *call_upstream(WrapperObject *w, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    PyObject *pos = PyTuple_New(nargs - 1);
+    if (pos == NULL) return NULL;
+    for (Py_ssize_t i = 1; i < nargs; i++) {
+        Py_INCREF(args[i]);
+        PyTuple_SET_ITEM(pos, i - 1, args[i]);
+    }
+    PyObject *kw = PyDict_New();
+    if (kw == NULL) { Py_DECREF(pos); return NULL; }
+    if (kwnames != NULL) {
+        for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(kwnames); k++) {
+            if (PyDict_SetItem(kw, PyTuple_GET_ITEM(kwnames, k), args[nargs + k]) < 0) {
+                Py_DECREF(pos); Py_DECREF(kw);
+                return NULL;
+            }
+        }
+    }
+    PyObject *up = PyObject_CallFunctionObjArgs(w->upstream, pos, kw, NULL);
+    Py_DECREF(pos);
+    Py_DECREF(kw);
+    return up;
+}
+
+/* The site to count a new client at (new reference; NULL: none, never with an exception). */
+static PyObject *client_site(WrapperObject *w, PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames, PyObject **up) {
+    PyObject *site = NULL;
+    *up = NULL;
+    int on = armed_on(w);
+    if (on < 0) goto error;
+    if (!on || ref_of(self) != NULL) return NULL; /* __init__ run twice: one client */
+    PyFrameObject *f = PyEval_GetFrame(); /* borrowed: the frame that called the constructor */
+    long verdict = RULE_TRACK;
+    if (w->rule != Py_None) {
+        PyObject *v = PyObject_CallOneArg(w->rule, f != NULL ? (PyObject *)f : Py_None);
+        if (v == NULL) goto error;
+        verdict = PyLong_AsLong(v);
+        Py_DECREF(v);
+        if (verdict == -1 && PyErr_Occurred()) goto error;
+    }
+    if (verdict == RULE_TRACK) {
+        site = find_from(f);
+    } else if (verdict == RULE_LIBRARY) {
+        site = PyObject_CallOneArg(library_site_fn, f != NULL ? (PyObject *)f : Py_None);
+    } else {
+        return NULL;
+    }
+    if (site == NULL) goto error;
+    if (site == Py_None) { Py_DECREF(site); return NULL; }
+    if (w->up_cache != NULL) {
+        /* The usual case first: the argument that names the upstream, seen before (grpc's
+           target): one dict lookup instead of a Python call. A miss takes the general path,
+           which fills the cache. */
+        PyObject *key = nargs > 1 + w->up_index ? args[1 + w->up_index] : NULL;
+        if (key == NULL && kwnames != NULL) {
+            for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(kwnames); k++) {
+                if (PyUnicode_Compare(PyTuple_GET_ITEM(kwnames, k), w->up_name) == 0) { key = args[nargs + k]; break; }
+            }
+        }
+        if (key != NULL && PyUnicode_CheckExact(key)) {
+            PyObject *u = PyDict_GetItemWithError(w->up_cache, key); /* borrowed */
+            if (u != NULL) {
+                if (u != Py_None) { Py_INCREF(u); *up = u; }
+                return site;
+            }
+            if (PyErr_Occurred()) goto error;
+        }
+    }
+    if (w->upstream != Py_None) {
+        PyObject *u = call_upstream(w, args, nargs, kwnames);
+        if (u == NULL) goto error;
+        if (u == Py_None) Py_DECREF(u);
+        else *up = u;
+    }
+    return site;
+error:
+    report_obj(w->where);
+    Py_XDECREF(site);
+    Py_CLEAR(*up);
+    return NULL;
+}
+
+static PyObject *w_init(WrapperObject *w, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *site = NULL, *up = NULL, *res = NULL, *result;
+    intptr_t depth = get_depth();
+    if (!capped()) {
+        /* No cap: the original first, then the call site (the frames are the same), so the
+           agent adds nothing between the app's call and the library's own work. */
+        set_depth(depth + 1);
+        result = PyObject_Vectorcall(w->call, args, nargsf, kwnames);
+        set_depth(get_depth() - 1);
+        if (result != NULL && nargs > 0 && depth == 0) {
+            site = client_site(w, args[0], args, nargs, kwnames, &up);
+            if (site != NULL && track_obj(args[0], w->kind, site, NULL, up, NULL) < 0) report_obj(w->where);
+        }
+        Py_XDECREF(site);
+        Py_XDECREF(up);
+        return result;
+    }
+    if (nargs > 0 && depth == 0) site = client_site(w, args[0], args, nargs, kwnames, &up);
+    /* The cap check runs before the original: a refused client opens nothing. */
+    if (site != NULL) {
+        res = PyObject_CallFunctionObjArgs(guarded_check_fn, w->kind, site, up != NULL ? up : Py_None, NULL);
+        if (res == NULL) { Py_DECREF(site); Py_XDECREF(up); return NULL; } /* ClientCapExceeded */
+    }
+    set_depth(depth + 1);
+    result = PyObject_Vectorcall(w->call, args, nargsf, kwnames);
+    set_depth(get_depth() - 1);
+    if (result == NULL) {
+        unreserve_keep(res, w->where);
+    } else if (site != NULL) {
+        if (track_obj(args[0], w->kind, site, NULL, up, res) < 0) report_obj(w->where);
+    }
+    Py_XDECREF(site);
+    Py_XDECREF(up);
+    Py_XDECREF(res);
+    return result;
+}
+
+/* Release args[0] after a close ran (or raised), keeping any exception being raised. */
+static void release_after(WrapperObject *w, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1) return;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    int on = armed_on(w);
+    if (on < 0 || (on && release_obj(args[0]) < 0)) report_obj(w->where);
+    PyErr_Restore(type, value, tb);
+}
+
+static PyObject *w_close(WrapperObject *w, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    PyObject *result = PyObject_Vectorcall(w->call, args, nargsf, kwnames);
+    release_after(w, args, PyVectorcall_NARGS(nargsf));
+    return result;
+}
+
+static PyObject *w_nest(WrapperObject *w, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    set_depth(get_depth() + 1);
+    PyObject *result = PyObject_Vectorcall(w->call, args, nargsf, kwnames);
+    set_depth(get_depth() - 1);
+    return result;
+}
+
+/* socket.__init__(self, family=-1, type=-1, proto=-1, fileno=None). extra: the Python function
+   after_fileno(self, site) that handles a socket built on an existing descriptor. */
+static PyObject *w_sock_init(WrapperObject *w, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    PyObject *result = PyObject_Vectorcall(w->call, args, nargsf, kwnames);
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (result == NULL || nargs < 1) return result;
+    PyObject *fileno = nargs > 4 ? args[4] : Py_None;
+    if (kwnames != NULL) {
+        for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(kwnames); k++) {
+            if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, k), "fileno") == 0) fileno = args[nargs + k];
+        }
+    }
+    PyObject *site = find_from(PyEval_GetFrame());
+    if (site == NULL) goto error;
+    if (site != Py_None) {
+        if (fileno == Py_None) {
+            if (track_obj(args[0], s_socket, site, NULL, NULL, NULL) < 0) { Py_DECREF(site); goto error; }
+        } else {
+            PyObject *r = PyObject_CallFunctionObjArgs(w->extra, args[0], site, NULL);
+            if (r == NULL) { Py_DECREF(site); goto error; }
+            Py_DECREF(r);
+        }
+    }
+    Py_DECREF(site);
+    return result;
+error:
+    report_obj(w->where);
+    return result;
+}
+
+/* socket.connect(self, address). extra: (upstreams cache dict, upstream_of, connected) where
+   connected(self, address, reservation) handles a non-blocking connect in progress. */
+static PyObject *w_sock_connect(WrapperObject *w, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 2 || kwnames != NULL) return PyObject_Vectorcall(w->call, args, nargsf, kwnames);
+    PyObject *self = args[0], *address = args[1];
+    PyObject *res = NULL;
+    if (capped()) { /* may raise ClientCapExceeded, before the original: a refused client opens nothing */
+        res = PyObject_CallFunctionObjArgs(before_connect_fn, self, address, NULL);
+        if (res == NULL) return NULL;
+    }
+    PyObject *result = PyObject_Vectorcall(w->call, args, nargsf, kwnames);
+    if (result == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_BlockingIOError) || PyErr_ExceptionMatches(PyExc_InterruptedError)) {
+            /* a non-blocking connect in progress: a client now */
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyObject *r = PyObject_CallFunctionObjArgs(PyTuple_GET_ITEM(w->extra, 2), self, address,
+                                                       res != NULL ? res : Py_None, NULL);
+            if (r == NULL) report_obj(w->where);
+            Py_XDECREF(r);
+            PyErr_Restore(type, value, tb);
+        } else {
+            unreserve_keep(res, w->where);
+        }
+        Py_XDECREF(res);
+        return NULL;
+    }
+    PyObject *up = PyDict_GetItemWithError(PyTuple_GET_ITEM(w->extra, 0), address); /* borrowed */
+    if (up != NULL) {
+        Py_INCREF(up);
+    } else {
+        PyErr_Clear(); /* a miss, or an unhashable address */
+        up = PyObject_CallOneArg(PyTuple_GET_ITEM(w->extra, 1), address);
+    }
+    if (up == NULL || set_role_obj(self, s_client, up, res) < 0) report_obj(w->where);
+    Py_XDECREF(up);
+    Py_XDECREF(res);
+    return result;
+}
+
+static PyObject *w_sock_close(WrapperObject *w, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    PyObject *result = PyObject_Vectorcall(w->call, args, nargsf, kwnames);
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1) return result;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (release_obj(args[0]) < 0) report_obj(w->where);
+    PyErr_Restore(type, value, tb);
+    return result;
+}
+
+static vectorcallfunc w_impl[] = {(vectorcallfunc)w_init, (vectorcallfunc)w_close, (vectorcallfunc)w_nest,
+                                  (vectorcallfunc)w_sock_init, (vectorcallfunc)w_sock_close,
+                                  (vectorcallfunc)w_sock_connect};
+
+static PyObject *sp_wrapper(PyObject *self, PyObject *args) {
+    /* wrapper(action, call, kind, upstream, rule, armed, where, extra); upstream may also be
+       (function, (index, name, cache)): see up_cache. */
+    int action;
+    PyObject *call, *kind, *upstream, *rule, *armed, *where, *extra;
+    PyObject *up_cache = NULL, *up_name = NULL;
+    Py_ssize_t up_index = 0;
+    if (!PyArg_ParseTuple(args, "iOOOOOUO", &action, &call, &kind, &upstream, &rule, &armed, &where, &extra))
+        return NULL;
+    if (PyTuple_Check(upstream)) {
+        PyObject *fn;
+        if (!PyArg_ParseTuple(upstream, "O(nUO!)", &fn, &up_index, &up_name, &PyDict_Type, &up_cache)) return NULL;
+        if (up_index < 0) { PyErr_SetString(PyExc_ValueError, "wrapper: negative argument index"); return NULL; }
+        upstream = fn;
+    }
+    if (action < 0 || action > W_SOCK_CONNECT) { PyErr_SetString(PyExc_ValueError, "bad wrapper action"); return NULL; }
+    if (!PyCallable_Check(call)) { PyErr_SetString(PyExc_TypeError, "wrapper: call is not callable"); return NULL; }
+    if (action == W_SOCK_CONNECT && (!PyTuple_Check(extra) || PyTuple_GET_SIZE(extra) != 3 ||
+                                     !PyDict_Check(PyTuple_GET_ITEM(extra, 0)))) {
+        PyErr_SetString(PyExc_TypeError, "wrapper: connect needs (dict, upstream_of, connected)");
+        return NULL;
+    }
+    WrapperObject *w = PyObject_GC_New(WrapperObject, &WrapperType);
+    if (w == NULL) return NULL;
+    w->vectorcall = w_impl[action];
+    w->action = action;
+    Py_INCREF(call); w->call = call;
+    Py_INCREF(kind); w->kind = kind;
+    Py_INCREF(upstream); w->upstream = upstream;
+    Py_XINCREF(up_cache); w->up_cache = up_cache;
+    Py_XINCREF(up_name); w->up_name = up_name;
+    w->up_index = up_index;
+    Py_INCREF(rule); w->rule = rule;
+    Py_INCREF(armed); w->armed = armed;
+    Py_INCREF(where); w->where = where;
+    Py_INCREF(extra); w->extra = extra;
+    w->dict = NULL;
+    PyObject_GC_Track(w);
+    return (PyObject *)w;
+}
+
+static int wrapper_traverse(WrapperObject *w, visitproc visit, void *arg) {
+    Py_VISIT(w->call); Py_VISIT(w->kind); Py_VISIT(w->upstream); Py_VISIT(w->rule);
+    Py_VISIT(w->up_cache); Py_VISIT(w->up_name);
+    Py_VISIT(w->armed); Py_VISIT(w->where); Py_VISIT(w->extra); Py_VISIT(w->dict);
+    return 0;
+}
+
+static int wrapper_clear(WrapperObject *w) {
+    Py_CLEAR(w->call); Py_CLEAR(w->kind); Py_CLEAR(w->upstream); Py_CLEAR(w->rule);
+    Py_CLEAR(w->up_cache); Py_CLEAR(w->up_name);
+    Py_CLEAR(w->armed); Py_CLEAR(w->where); Py_CLEAR(w->extra); Py_CLEAR(w->dict);
+    return 0;
+}
+
+static void wrapper_dealloc(WrapperObject *w) {
+    PyObject_GC_UnTrack(w);
+    wrapper_clear(w);
+    Py_TYPE(w)->tp_free((PyObject *)w);
+}
+
+static PyObject *wrapper_call(WrapperObject *w, PyObject *args, PyObject *kwargs) {
+    return PyVectorcall_Call((PyObject *)w, args, kwargs);
+}
+
+static PyObject *wrapper_get(PyObject *self, PyObject *obj, PyObject *type) {
+    /* A method, like a function: bound on an instance, itself on the class. */
+    if (obj == NULL || obj == Py_None) { Py_INCREF(self); return self; }
+    return PyMethod_New(self, obj);
+}
+
+static PyObject *wrapper_repr(WrapperObject *w) {
+    PyObject *name = w->dict != NULL ? PyDict_GetItemString(w->dict, "__qualname__") : NULL; /* borrowed */
+    if (name != NULL) return PyUnicode_FromFormat("<connwatch wrapper of %S>", name);
+    return PyUnicode_FromFormat("<connwatch wrapper of %R>", w->call);
+}
+
+static PyGetSetDef wrapper_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef wrapper_members[] = {
+    {"_connwatch_call", T_OBJECT, offsetof(WrapperObject, call), READONLY, "the original"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject WrapperType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "connwatch._speedups.Wrapper",
+    .tp_basicsize = sizeof(WrapperObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = NULL,
+    .tp_traverse = (traverseproc)wrapper_traverse,
+    .tp_clear = (inquiry)wrapper_clear,
+    .tp_dealloc = (destructor)wrapper_dealloc,
+    .tp_vectorcall_offset = offsetof(WrapperObject, vectorcall),
+    .tp_call = (ternaryfunc)wrapper_call,
+    .tp_descr_get = wrapper_get,
+    .tp_repr = (reprfunc)wrapper_repr,
+    .tp_getattro = PyObject_GenericGetAttr,
+    .tp_setattro = PyObject_GenericSetAttr,
+    .tp_dictoffset = offsetof(WrapperObject, dict),
+    .tp_getset = wrapper_getset,
+    .tp_members = wrapper_members,
+};
+
+static PyObject *sp_bind_patches(PyObject *self, PyObject *args) {
+    /* bind_patches(limits_globals, guarded_check, library_site, socket_connect_check) */
+    PyObject *lg, *gc, *ls, *bc;
+    if (!PyArg_ParseTuple(args, "O!OOO", &PyDict_Type, &lg, &gc, &ls, &bc)) return NULL;
+    KEEP(limits_globals, lg); KEEP(guarded_check_fn, gc); KEEP(library_site_fn, ls); KEEP(before_connect_fn, bc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *sp_depth(PyObject *self, PyObject *unused) {
+    return PyLong_FromSsize_t((Py_ssize_t)get_depth());
+}
+
 /* ------------------------------------------------------------------------------------------ */
 
 static PyMethodDef on_collected_def = {"on_collected", (PyCFunction)sp_on_collected, METH_O,
@@ -941,6 +1396,9 @@ static PyMethodDef methods[] = {
     {"drain", sp_drain, METH_NOARGS, "Apply the queued events (registry lock held)."},
     {"find", (PyCFunction)(void (*)(void))sp_find, METH_FASTCALL, "find(depth=2): the call site."},
     {"clear_caches", sp_clear_caches, METH_NOARGS, "Forget the cached kinds, sites and stats."},
+    {"wrapper", sp_wrapper, METH_VARARGS, "wrapper(action, call, kind, upstream, rule, armed, where, extra)"},
+    {"bind_patches", sp_bind_patches, METH_VARARGS, "Hand over what the patch wrappers call."},
+    {"depth", sp_depth, METH_NOARGS, "Wrapped constructors running on this thread."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -950,7 +1408,7 @@ static struct PyModuleDef speedups_module = {
 
 PyMODINIT_FUNC PyInit__speedups(void) {
     RefType.tp_base = &_PyWeakref_RefType;
-    if (PyType_Ready(&RefType) < 0 || PyType_Ready(&StatType) < 0) return NULL;
+    if (PyType_Ready(&RefType) < 0 || PyType_Ready(&StatType) < 0 || PyType_Ready(&WrapperType) < 0) return NULL;
     PyObject *m = PyModule_Create(&speedups_module);
     if (m == NULL) return NULL;
     s_on_track = PyUnicode_InternFromString("on_track");
@@ -959,17 +1417,22 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     s_role = PyUnicode_InternFromString("role");
     s_upstream = PyUnicode_InternFromString("upstream");
     s_reservation = PyUnicode_InternFromString("reservation");
+    s_policy = PyUnicode_InternFromString("_policy");
+    s_on = PyUnicode_InternFromString("on");
+    if (PyThread_tss_create(&depth_key) != 0) { Py_DECREF(m); PyErr_NoMemory(); return NULL; }
     APPLYING = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
     for (int i = 0; i < 6; i++) if ((tags[i] = PyLong_FromLong(i)) == NULL) { Py_DECREF(m); return NULL; }
     on_collected = PyCFunction_NewEx(&on_collected_def, NULL, NULL);
-    if (!s_on_track || !s_socket || !s_client || !s_role || !s_upstream || !s_reservation || !APPLYING ||
+    if (!s_on_track || !s_socket || !s_client || !s_role || !s_upstream || !s_reservation || !APPLYING || !s_policy || !s_on ||
         !on_collected) {
         Py_DECREF(m);
         return NULL;
     }
     Py_INCREF(&RefType);
     Py_INCREF(&StatType);
-    if (PyModule_AddObject(m, "Ref", (PyObject *)&RefType) < 0 ||
+    Py_INCREF(&WrapperType);
+    if (PyModule_AddObject(m, "Wrapper", (PyObject *)&WrapperType) < 0 ||
+        PyModule_AddObject(m, "Ref", (PyObject *)&RefType) < 0 ||
         PyModule_AddObject(m, "Stat", (PyObject *)&StatType) < 0) {
         Py_DECREF(m);
         return NULL;

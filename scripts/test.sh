@@ -69,10 +69,10 @@ fi
 echo "== pytest"; .venv/bin/python -m pytest "$@"
 if [ "$#" -eq 0 ]; then
   # The same agent without its C extension (the fallback every platform without a compiler gets):
-  # the core and the registry-stressing reliability tests again (about 40 s). Not the packaging
-  # tests: they build wheels, whatever the runtime uses.
+  # the core, the client patches (their Python wrappers) and the registry-stressing reliability
+  # tests again (about 70 s). Not the packaging tests: they build wheels, whatever the runtime uses.
   echo "== pytest (pure Python)"
-  CONNWATCH_PURE_PYTHON=1 .venv/bin/python -m pytest -q tests/core tests/reliability \
+  CONNWATCH_PURE_PYTHON=1 .venv/bin/python -m pytest -q tests/core tests/patches tests/reliability \
     --ignore=tests/core/test_packaging.py
 fi
 # The benchmark is not a test: a quick run only shows it still runs (timings are not checked).

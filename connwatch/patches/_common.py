@@ -15,10 +15,11 @@ before us (a wrapt FunctionWrapper) is called through its ``__get__``. A row who
 is anything else (staticmethod, classmethod, property, missing) is skipped with one warning.
 The wrappers:
 
-* ``INIT`` (a client class's ``__init__``): finds the call site, checks the caps *before* the
-  original runs, calls the original, then tracks the instance. A thread-local depth counter
-  makes a client built inside another wrapped constructor part of the outer one (the
-  PoolManager inside a ``requests.Session`` is not a second client).
+* ``INIT`` (a client class's ``__init__``): calls the original, then finds the call site (the
+  caller's frames are the same) and tracks the instance. With a cap configured, the call site
+  is found and the caps checked *before* the original runs, so a refused client opens nothing.
+  A thread-local depth counter makes a client built inside another wrapped constructor part of
+  the outer one (the PoolManager inside a ``requests.Session`` is not a second client).
 * ``CLOSE`` / ``ACLOSE`` (sync / async close methods): call the original, then release.
 * ``NEST``: run the original with the depth raised, so clients it builds belong to its owner
   (the pools a urllib3 PoolManager makes for itself).
@@ -41,6 +42,7 @@ from urllib.parse import urlsplit
 
 from .. import _callsite, _limits, _log, _registry
 from .._callsite import SLOTS, CallSite
+from ._c import W_CLOSE, W_INIT, W_NEST, C
 
 INIT = "init"
 CLOSE = "close"
@@ -163,25 +165,46 @@ def _make_init(call: Callable[..., Any], kind: str, upstream: Optional[Upstream]
     limits = _limits
     internal_error = _log.internal_error
 
-    def init(*args: Any, **kwargs: Any) -> Any:
+    def site_of(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Optional[CallSite], Optional[str]]:
+        # (call site, upstream) of a client made by init's caller, or (None, None)
         site: Optional[CallSite] = None
         up: Optional[str] = None
+        try:
+            if armed.on and not is_tracked(args[0]):  # __init__ run twice: one client
+                verdict = rule(getframe(2)) if rule is not None else TRACK
+                if verdict == TRACK:
+                    site = find(3)
+                elif verdict == LIBRARY:
+                    site = lib_site(getframe(2))
+                if site is not None and upstream is not None:
+                    up = upstream(args[1:], kwargs)
+        except Exception:
+            internal_error(where)
+            return None, None
+        return site, up
+
+    def init(*args: Any, **kwargs: Any) -> Any:
         n = depth.c
-        if not n[0] and armed.on and args:
+        outer = not n[0] and args
+        if limits._policy is None:
+            # No cap: the original first, then the call site (the frames are the same), so the
+            # agent adds nothing between the app's call and the library's own work.
+            n[0] += 1
             try:
-                if not is_tracked(args[0]):  # __init__ run twice: one client
-                    verdict = rule(getframe(1)) if rule is not None else TRACK
-                    if verdict == TRACK:
-                        site = find(2)
-                    elif verdict == LIBRARY:
-                        site = lib_site(getframe(1))
-                    if site is not None and upstream is not None:
-                        up = upstream(args[1:], kwargs)
-            except Exception:
-                internal_error(where)
-                site = None
+                result = call(*args, **kwargs) if kwargs else call(*args)
+            finally:
+                n[0] -= 1
+            if outer:
+                site, up = site_of(args, kwargs)
+                if site is not None:
+                    try:
+                        track(args[0], kind, site, upstream=up)
+                    except Exception:
+                        internal_error(where)
+            return result
+        site, up = site_of(args, kwargs) if outer else (None, None)
         # The cap check runs before the original: a refused client opens nothing.
-        res = guarded_check(kind, site, up) if site is not None and limits._policy is not None else None
+        res = guarded_check(kind, site, up) if site is not None else None
         n[0] += 1
         try:
             result = call(*args, **kwargs) if kwargs else call(*args)
@@ -287,10 +310,14 @@ class Patcher:
     """
 
     def __init__(self, name: str, targets: Iterable[Target], upstream: Optional[Dict[str, Upstream]] = None,
-                 rule: Optional[Rule] = None) -> None:
+                 rule: Optional[Rule] = None,
+                 upstream_cache: Optional[Dict[str, Tuple[int, str, Dict[Any, Optional[str]]]]] = None) -> None:
         self.name = name
         self.targets = tuple(targets)
         self.upstream = dict(upstream or {})
+        # kind -> (position after self, keyword name, {argument: upstream}): the cache an upstream
+        # function keeps for the argument that names the upstream; the C wrapper reads it first.
+        self.upstream_cache = dict(upstream_cache or {})
         self.rule = rule
         self._lock = threading.RLock()
         self._armed = _Armed()
@@ -336,12 +363,24 @@ class Patcher:
 
     def _wrapper(self, t: Target, call: Callable[..., Any]) -> Callable[..., Any]:
         if t.action == INIT:
+            if C is not None:
+                up: Any = self.upstream.get(t.kind)
+                cache = self.upstream_cache.get(t.kind)
+                if up is not None and cache is not None:
+                    up = (up, cache)
+                return C.wrapper(W_INIT, call, t.kind, up, self.rule, self._armed,  # type: ignore[no-any-return]
+                                 f"{t.kind} constructor", None)
             return _make_init(call, t.kind, self.upstream.get(t.kind), self.rule, self._armed)
         if t.action == CLOSE:
+            if C is not None:
+                return C.wrapper(W_CLOSE, call, t.kind, None, None, self._armed,  # type: ignore[no-any-return]
+                                 f"{t.kind} close", None)
             return _make_close(call, t.kind, self._armed)
         if t.action == ACLOSE:
             return _make_aclose(call, t.kind, self._armed)
         if t.action == NEST:
+            if C is not None:
+                return C.wrapper(W_NEST, call, "", None, None, None, "nest", None)  # type: ignore[no-any-return]
             return _make_nest(call)
         raise ValueError(f"unknown action {t.action!r}")
 
@@ -399,5 +438,12 @@ def _resolve(module: Any, dotted: str) -> Optional[type]:
 
 
 def is_wrapper(obj: Any) -> bool:
-    """Whether ``obj`` is one of connwatch's wrapper functions (not another library's proxy of one)."""
-    return type(obj) is FunctionType and obj.__dict__.get("__connwatch_patch__") is True
+    """Whether ``obj`` is one of connwatch's wrappers (not another library's proxy of one)."""
+    if type(obj) is not FunctionType and (C is None or type(obj) is not C.Wrapper):
+        return False
+    return obj.__dict__.get("__connwatch_patch__") is True
+
+
+def depth() -> int:
+    """Wrapped constructors (and NEST calls) running on this thread."""
+    return int(C.depth()) if C is not None else _depth.c[0]

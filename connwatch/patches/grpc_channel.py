@@ -90,7 +90,10 @@ def _target(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[str]:
     return up
 
 
-_patcher = Patcher("grpc", _TARGETS, upstream={"grpc.Channel": _target, "grpc.aio.Channel": _target})
+_patcher = Patcher(
+    "grpc", _TARGETS, upstream={"grpc.Channel": _target, "grpc.aio.Channel": _target},
+    upstream_cache={"grpc.Channel": (0, "target", _targets), "grpc.aio.Channel": (0, "target", _targets)},
+)
 
 
 def _wrap_channel_module(module: ModuleType) -> None:

@@ -21,6 +21,7 @@ import threading
 import weakref
 
 from .. import _callsite, _limits, _log, _registry
+from . import _c
 
 # typing costs ~5 ms to import at interpreter start; annotations are strings here.
 TYPE_CHECKING = False
@@ -128,6 +129,18 @@ def _make_wrappers(orig: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     tls = _tls
     internal_error = _log.internal_error
 
+    def _after_fileno(self: socket.socket, site: Any) -> None:
+        # A socket built on an existing descriptor (fromfd, accept, socketpair, ssl): its role.
+        hint = getattr(tls, "hint", None)
+        if hint is not None:
+            role, upstream = hint
+        else:
+            role, upstream = _inspect(self)
+            # Candidate for an ownership hand-over: if the socket that owns this descriptor
+            # is detached next (ssl.SSLSocket._create does exactly that), we take its record.
+            tls.adopt = (self.fileno(), weakref.ref(self))
+        track(self, KIND, site, role, upstream)
+
     @functools.wraps(o_init)
     def _wrap___init__(self: socket.socket, family: Any = -1, type: Any = -1, proto: Any = -1,
                        fileno: Any = None) -> None:
@@ -138,16 +151,8 @@ def _make_wrappers(orig: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
                 return  # the agent's own socket
             if fileno is None:
                 track(self, KIND, site)
-                return
-            hint = getattr(tls, "hint", None)
-            if hint is not None:
-                role, upstream = hint
             else:
-                role, upstream = _inspect(self)
-                # Candidate for an ownership hand-over: if the socket that owns this descriptor
-                # is detached next (ssl.SSLSocket._create does exactly that), we take its record.
-                tls.adopt = (self.fileno(), weakref.ref(self))
-            track(self, KIND, site, role, upstream)
+                _after_fileno(self, site)
         except Exception:
             internal_error("socket.__init__")
 
@@ -251,11 +256,23 @@ def _make_wrappers(orig: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         finally:
             tls.hint = None
 
-    return {
+    wrappers: Dict[str, Any] = {
         "__init__": _wrap___init__, "_real_close": _wrap__real_close, "detach": _wrap_detach,
         "connect": _wrap_connect, "connect_ex": _wrap_connect_ex, "listen": _wrap_listen,
         "accept": _wrap_accept, "socketpair": _wrap_socketpair,
     }
+    c = _c.C
+    if c is not None:
+        # The three that run for every client socket, in C (same behaviour, no Python frame).
+        for name, action, where, extra in (
+            ("__init__", _c.W_SOCK_INIT, "socket.__init__", _after_fileno),
+            ("_real_close", _c.W_SOCK_CLOSE, "socket.close", None),
+            ("connect", _c.W_SOCK_CONNECT, "socket.connect", (upstreams, upstream_of, _connected)),
+        ):
+            original = orig[name]
+            wrapper = c.wrapper(action, original, KIND, None, None, None, where, extra)
+            wrappers[name] = functools.wraps(original)(wrapper)
+    return wrappers
 
 
 def is_patched() -> bool:

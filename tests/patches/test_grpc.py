@@ -99,3 +99,23 @@ def test_aio_channel_with_interceptor_is_one_client(agent: Any, grpc_aio_server:
 ])
 def test_target_upstream(target: Any, upstream: Any) -> None:
     assert target_upstream(target) == upstream
+
+
+def test_upstream_by_position_keyword_and_repeat(agent: Any, grpc_server: Any) -> None:
+    # The C wrapper reads a target it has seen from the upstream cache (by position or keyword);
+    # a new target, or one that is not a str, takes the general path. Same answers either way.
+    t = grpc_server.target
+    host, _, port = t.rpartition(":")
+    chans = [early_channel_module.Channel(t, (), None, None) for _ in range(3)]  # m-pos
+    chans += [early_channel_module.Channel(target=t, options=(), credentials=None, compression=None)  # m-kw
+              for _ in range(2)]
+    chans.append(early_channel_module.Channel(f"dns:///{t}?lb=x", (), None, None))  # m-dns
+    chans.append(early_channel_module.Channel(f"ipv4:{host}:{port}".encode(), (), None, None))  # m-bytes
+    here = _here(agent)
+    assert here[("grpc.Channel", _line_of("m-pos"))][:2] == (3, 3)
+    assert here[("grpc.Channel", _line_of("m-pos"))][4] == ((t, 3),)
+    assert here[("grpc.Channel", _line_of("m-kw"))][4] == ((t, 2),)
+    assert here[("grpc.Channel", _line_of("m-dns"))][4] == ((t, 1),)
+    assert here[("grpc.Channel", _line_of("m-bytes"))][4] == ((t, 1),)
+    for ch in chans:
+        ch.close()

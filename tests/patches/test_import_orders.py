@@ -89,7 +89,10 @@ def test_patch_and_unpatch_are_idempotent() -> None:
     assert all(_attrs()[k] is originals[k] for k in originals)
 
 
-def test_wrappers_are_plain_functions_that_look_like_the_originals() -> None:
+def test_wrappers_look_like_the_originals() -> None:
+    # Plain functions on the pure-Python path (and for async close); the C wrapper type otherwise.
+    from connwatch.patches._c import C
+
     originals = _attrs()
     try:
         for mod in MODULES:
@@ -97,7 +100,8 @@ def test_wrappers_are_plain_functions_that_look_like_the_originals() -> None:
         for mod in MODULES:
             for t in mod._TARGETS:
                 ours, orig = _attrs()[(t.module, t.owner, t.attr)], originals[(t.module, t.owner, t.attr)]
-                assert type(ours) is types.FunctionType and is_wrapper(ours) and not is_wrapper(orig)
+                expected = types.FunctionType if C is None or t.action == ACLOSE else C.Wrapper
+                assert type(ours) is expected and is_wrapper(ours) and not is_wrapper(orig)
                 assert ours.__wrapped__ is orig
                 assert (ours.__name__, ours.__qualname__, ours.__doc__, ours.__module__) == (
                     orig.__name__, orig.__qualname__, orig.__doc__, orig.__module__)
@@ -342,10 +346,11 @@ def test_a_failing_patch_does_not_break_the_import(tmp_path: Any, mod: str, lib:
     assert "internal error" in proc.stderr and "patch exploded" in proc.stderr
 
 
-def test_a_failing_wrapper_never_reaches_the_app(quiet_env: None, tmp_path: Any,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_wrapper_never_reaches_the_app(quiet_env: None, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
     import connwatch
-    from connwatch import _registry
+    from connwatch import _log, _registry
+    from connwatch.patches._c import C
 
     calls: List[Any] = []
 
@@ -354,15 +359,26 @@ def test_a_failing_wrapper_never_reaches_the_app(quiet_env: None, tmp_path: Any,
         raise RuntimeError("registry exploded")
 
     # Before enable(): the wrappers bind what they call when they are installed.
-    monkeypatch.setattr(_registry, "track", broken)
-    monkeypatch.setattr(_registry, "release", broken)
+    if C is None:
+        monkeypatch.setattr(_registry, "track", broken)
+        monkeypatch.setattr(_registry, "release", broken)
+    else:  # the C wrappers call the C registry directly; it calls this hook after each track
+        monkeypatch.setattr(_registry, "on_track", broken)
+    # The wrapper's own work fails too: the upstream of a pool the app builds.
+    monkeypatch.setitem(urllib3_pool._patcher.upstream, "urllib3.HTTPConnectionPool", broken)
+    _log.reset()
     assert connwatch.enable(dir=str(tmp_path), snapshot_interval=0)
     try:
-        s = requests.Session()
-        s.close()
-        pm = urllib3.PoolManager()
-        pm.clear()
+        with caplog.at_level(logging.WARNING, logger="connwatch"):
+            s = requests.Session()
+            s.close()
+            pm = urllib3.PoolManager()
+            pm.clear()
+            pool = urllib3.HTTPConnectionPool("127.0.0.1", 1)
+            pool.close()
         assert {a[0] for a in calls} >= {s, pm}  # the wrappers did call the broken registry
+        assert (("127.0.0.1", 1), {}) in calls  # and the upstream function
+        assert "registry exploded" in caplog.text and "Traceback" in caplog.text
     finally:
         connwatch.disable()
         monkeypatch.undo()
