@@ -16,9 +16,10 @@ settle.
 CONFIG and what "on" and "off" are:
 
   none          nothing changes: the A/A control, whose spread is the method's resolution
-  connwatch     the agent runs throughout (registry, writer thread); on/off installs and removes
-                its patches (``connwatch.patches.install``/``uninstall``), i.e. everything it does
-                on the app's threads. CONNWATCH_PURE_PYTHON=1 in the environment: the Python path
+  connwatch     the agent runs throughout (registry, writer thread); on/off puts its wrappers on
+                the library classes and takes them off (the same objects each time), i.e.
+                everything it does on the app's threads. CONNWATCH_PURE_PYTHON=1 in the
+                environment: the Python path
   tracemalloc   ``tracemalloc.start(16)`` / ``tracemalloc.stop()``, ResourceWarning always shown
   otel          the OpenTelemetry requests/urllib3/grpc instrumentation's ``instrument()`` /
                 ``uninstrument()``, SDK TracerProvider (spans recorded, not exported)
@@ -48,16 +49,32 @@ def switches(config: str, folder: str) -> Switch:
         return (lambda: None), (lambda: None)
     if config.startswith("connwatch"):
         import connwatch
-        from connwatch import bootstrap, patches
 
+        # The agent runs throughout; switching puts its wrappers on the library classes or takes
+        # them off (the same wrapper objects every time, as the agent leaves them: reinstalling
+        # the patches would make new ones and cost the next few operations more than the agent).
+        before = _class_dicts()
         connwatch.enable(dir=folder)
-        cfg = bootstrap.config()
-        disabled = cfg.disabled_patches if cfg is not None else ()
+        after = _class_dicts()
+        swaps = [(owner, attr, before[owner].get(attr, _MISSING), value)
+                 for owner, attrs in after.items() for attr, value in attrs.items()
+                 if before[owner].get(attr, _MISSING) is not value]
 
-        def on() -> None:
-            patches.install(disabled)
+        state = [True]
 
-        return on, patches.uninstall
+        def put(on: bool) -> None:
+            if state[0] == on:
+                return
+            state[0] = on
+            for owner, attr, original, wrapper in swaps:
+                if on:
+                    setattr(owner, attr, wrapper)
+                elif original is _MISSING:
+                    delattr(owner, attr)
+                else:
+                    setattr(owner, attr, original)
+
+        return (lambda: put(True)), (lambda: put(False))
     if config == "tracemalloc":
         import tracemalloc
 
@@ -85,6 +102,25 @@ def switches(config: str, folder: str) -> Switch:
     raise SystemExit(f"unknown config {config}")
 
 
+_MISSING = object()
+# Where the agent puts its wrappers for the benchmark's workloads (imported by make_op first).
+_PATCHED_MODULES = ("socket", "requests.sessions", "urllib3.poolmanager", "urllib3.connectionpool", "grpc._channel")
+
+
+def _class_dicts() -> Dict[Any, Dict[str, Any]]:
+    """The attributes of every class (and the module itself) in the patched modules loaded."""
+    out: Dict[Any, Dict[str, Any]] = {}
+    for name in _PATCHED_MODULES:
+        module = sys.modules.get(name)
+        if module is None:
+            continue
+        out[module] = dict(vars(module))
+        for value in list(vars(module).values()):
+            if isinstance(value, type) and value.__module__ == name:
+                out[value] = dict(vars(value))
+    return out
+
+
 def median_ci(values: List[float], resamples: int = 400, seed: int = 1) -> Tuple[float, float]:
     """A bootstrap 95% interval of the median of ``values``."""
     rng = random.Random(seed)
@@ -96,7 +132,8 @@ def median_ci(values: List[float], resamples: int = 400, seed: int = 1) -> Tuple
 def main() -> None:
     config, workload, pairs, k, target, folder = (sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
                                                   sys.argv[5], sys.argv[6])
-    op = make_op(workload, target)  # imports the workload's libraries before any tool starts
+    op = make_op(workload, target)
+    op()  # imports everything the workload uses (grpc loads grpc._channel at its first channel)
     on, off = switches(config, folder)
     deep_stack = workload.endswith("@40")
     thread_ns, wall_ns = time.thread_time_ns, time.perf_counter_ns
