@@ -329,9 +329,10 @@ def memory(n: int, config: str = "connwatch", kind: str = "socket") -> Dict[str,
     * net_bytes_per_client: every allocation (tracemalloc) with the patches installed, minus the
       same with them removed;
     * bytes_per_client: the allocations tracemalloc attributes to the agent's own files (the
-      installed package's folder). This also counts what the client's constructor allocates while
-      its arguments are bound at the wrapper's call of the original (PoolManager's
-      ``**connection_pool_kw`` dict, 64 bytes), which is the client's, not the agent's."""
+      installed package's folder), in the JSON only: what the C path allocates is attributed to
+      the app's line that called the wrapped constructor, and a Python wrapper's call of the
+      original gets the original's own argument binding (PoolManager's ``**connection_pool_kw``
+      dict, 64 bytes)."""
     folder = tempfile.mkdtemp(prefix="connwatch-bench-")
     try:
         env = {**_env(config, folder), "CONNWATCH_ENABLED": "0"}  # enabled by the script itself
@@ -545,10 +546,8 @@ def markdown(over: List[Dict[str, Any]], tog: List[Dict[str, Any]], instr: List[
               f"off): {per('net_bytes_per_client')} bytes per socket ({count('n')} live sockets), "
               f"{per('pool_net_bytes_per_client')} bytes per urllib3.PoolManager ({count('pool_n')} live); "
               f"pure Python: {per('py_net_bytes_per_client')} bytes per socket ({count('py_n')} live sockets), "
-              f"{per('py_pool_net_bytes_per_client')} bytes per urllib3.PoolManager ({count('py_pool_n')} live). "
-              f"Attributed to the agent's own files: {per('bytes_per_client')} / {per('pool_bytes_per_client')}, "
-              f"pure Python {per('py_bytes_per_client')} / {per('py_pool_bytes_per_client')} bytes (the "
-              "PoolManager's own `**kwargs` dict is made at the agent's call of the original `__init__`).", "",
+              f"{per('py_pool_net_bytes_per_client')} bytes per urllib3.PoolManager ({count('py_pool_n')} live).",
+              "",
               "| call sites | live clients | snapshot | JSON | metric collection |", "|---|---|---|---|---|"]
     for r in sc:
         coll = f"{r['collection_ms']:.3f} ms" if r["collection_ms"] is not None else "n/a"
