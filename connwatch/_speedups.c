@@ -596,15 +596,23 @@ static int apply(PyObject *op) {
     return -1;
 }
 
-static void report(const char *where) {
+/* Report the exception being raised as an internal error of `where` (a str), and clear it. */
+static void report_obj(PyObject *where) {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     PyErr_NormalizeException(&type, &value, &tb);
     if (value != NULL && tb != NULL) PyException_SetTraceback(value, tb);
-    PyObject *r = PyObject_CallFunction(report_fn, "sO", where, value ? value : Py_None);
+    PyObject *r = PyObject_CallFunctionObjArgs(report_fn, where, value ? value : Py_None, NULL);
     if (r == NULL) PyErr_Clear();
     Py_XDECREF(r);
     Py_XDECREF(type); Py_XDECREF(value); Py_XDECREF(tb);
+}
+
+static void report(const char *where) {
+    PyObject *w = PyUnicode_FromString(where);
+    if (w == NULL) { PyErr_Clear(); return; } /* (the original error is dropped with it) */
+    report_obj(w);
+    Py_DECREF(w);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -972,7 +980,7 @@ typedef struct {
     PyObject *rule;     /* rule(frame) -> TRACK | SKIP | LIBRARY, or None */
     PyObject *armed;    /* an object whose .on is False once unpatched, or None (always on) */
     PyObject *where;    /* what an internal error report names */
-    PyObject *extra;    /* socket wrappers: see make_socket_wrapper */
+    PyObject *extra;    /* socket wrappers: see w_sock_init and w_sock_connect */
     PyObject *dict;     /* __dict__ (functools.wraps fills it) */
 } WrapperObject;
 
@@ -980,18 +988,6 @@ static PyTypeObject WrapperType;
 static Py_tss_t depth_key = Py_tss_NEEDS_INIT; /* wrapped constructors running on this thread */
 static PyObject *limits_globals; /* connwatch._limits.__dict__ (its _policy: None = no cap) */
 static PyObject *guarded_check_fn, *library_site_fn, *before_connect_fn, *s_policy, *s_on;
-
-/* Report the exception being raised as an internal error of `where` (a str), and clear it. */
-static void report_obj(PyObject *where) {
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (value != NULL && tb != NULL) PyException_SetTraceback(value, tb);
-    PyObject *r = PyObject_CallFunctionObjArgs(report_fn, where, value ? value : Py_None, NULL);
-    if (r == NULL) PyErr_Clear();
-    Py_XDECREF(r);
-    Py_XDECREF(type); Py_XDECREF(value); Py_XDECREF(tb);
-}
 
 static inline intptr_t get_depth(void) { return (intptr_t)PyThread_tss_get(&depth_key); }
 static inline void set_depth(intptr_t n) { PyThread_tss_set(&depth_key, (void *)n); }
@@ -1374,10 +1370,6 @@ static PyObject *sp_bind_patches(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *sp_depth(PyObject *self, PyObject *unused) {
-    return PyLong_FromSsize_t((Py_ssize_t)get_depth());
-}
-
 /* ------------------------------------------------------------------------------------------ */
 
 static PyMethodDef on_collected_def = {"on_collected", (PyCFunction)sp_on_collected, METH_O,
@@ -1398,7 +1390,6 @@ static PyMethodDef methods[] = {
     {"clear_caches", sp_clear_caches, METH_NOARGS, "Forget the cached kinds, sites and stats."},
     {"wrapper", sp_wrapper, METH_VARARGS, "wrapper(action, call, kind, upstream, rule, armed, where, extra)"},
     {"bind_patches", sp_bind_patches, METH_VARARGS, "Hand over what the patch wrappers call."},
-    {"depth", sp_depth, METH_NOARGS, "Wrapped constructors running on this thread."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -443,7 +443,3 @@ def is_wrapper(obj: Any) -> bool:
         return False
     return obj.__dict__.get("__connwatch_patch__") is True
 
-
-def depth() -> int:
-    """Wrapped constructors (and NEST calls) running on this thread."""
-    return int(C.depth()) if C is not None else _depth.c[0]
