@@ -442,4 +442,3 @@ def is_wrapper(obj: Any) -> bool:
     if type(obj) is not FunctionType and (C is None or type(obj) is not C.Wrapper):
         return False
     return obj.__dict__.get("__connwatch_patch__") is True
-
