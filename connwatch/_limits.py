@@ -14,6 +14,7 @@ import errno
 
 from . import _log, _registry
 from ._callsite import CallSite
+from ._upstream import upstream_of
 
 # typing costs ~5 ms to import at interpreter start; annotations are strings here.
 TYPE_CHECKING = False
@@ -183,8 +184,6 @@ def socket_connect_check(sock: Any, address: Any) -> Optional[_registry.Reservat
         info = _registry.info(sock)
         if info is None or info[1] == "client":
             return None
-        from .patches.stdlib_socket import upstream_of
-
         upstream = upstream_of(address)
     except Exception:
         _log.internal_error("cap check (socket)")

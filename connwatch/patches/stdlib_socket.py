@@ -21,6 +21,8 @@ import threading
 import weakref
 
 from .. import _callsite, _limits, _log, _registry
+from .._upstream import cache as _upstreams
+from .._upstream import upstream_of
 from . import _c
 
 # typing costs ~5 ms to import at interpreter start; annotations are strings here.
@@ -51,46 +53,6 @@ _OK_CONNECT_EX = frozenset({0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALRE
 # The cap check before connect: reads the cap policy, returns a reservation or None, and
 # raises ClientCapExceeded in raise mode. With no cap set it is skipped (one attribute read).
 before_connect: Callable[[Any, Any], Any] = _limits.socket_connect_check
-
-
-_upstreams: Dict[Any, Optional[str]] = {}  # address -> upstream; bounded, see upstream_of
-
-
-def upstream_of(address: Any) -> Optional[str]:
-    """``host:port`` (``[v6]:port``, ``unix:/path``) for a socket address; no credentials.
-
-    Cached per address (formatting costs more than the lookup on the connect path).
-    """
-    try:
-        up = _upstreams.get(address)
-    except TypeError:  # an unhashable address: format it every time
-        return _format(address)
-    if up is None:
-        up = _format(address)
-        if len(_upstreams) >= 4096:
-            _upstreams.clear()
-        _upstreams[address] = up
-    return up
-
-
-def _format(address: Any) -> Optional[str]:
-    try:
-        if isinstance(address, tuple) and len(address) >= 2:
-            host = address[0]
-            if isinstance(host, bytes):
-                host = host.decode("ascii", "replace")
-            host = str(host)
-            if ":" in host and not host.startswith("["):
-                host = f"[{host}]"
-            return f"{host}:{int(address[1])}"
-        if isinstance(address, (str, bytes)):
-            path = address.decode("utf-8", "replace") if isinstance(address, bytes) else address
-            if path.startswith("\0"):
-                path = "@" + path[1:]
-            return "unix:" + path if path else None
-    except Exception:
-        return None
-    return None
 
 
 def _inspect(sock: socket.socket) -> Tuple[Optional[str], Optional[str]]:

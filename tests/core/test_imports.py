@@ -9,7 +9,7 @@ import sys
 from tests.conftest import run_py
 
 CORE = ["connwatch", "connwatch._callsite", "connwatch._registry", "connwatch._snapshot",
-        "connwatch._limits", "connwatch._config", "connwatch._forksafe", "connwatch._fds",
+        "connwatch._limits", "connwatch._upstream", "connwatch._config", "connwatch._forksafe", "connwatch._fds",
         "connwatch._log", "connwatch._importhook", "connwatch.bootstrap"]
 STDLIB = set(sys.stdlib_module_names)
 
@@ -77,3 +77,18 @@ def test_disabled_hook_loads_nothing_and_patches_nothing() -> None:
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout) == [False, False], value
         assert proc.stderr == ""
+
+
+def test_core_modules_import_nothing_above_them() -> None:
+    # The layers point down only: the cap policy names upstreams through _upstream, not through
+    # the socket patch (which imports _limits): no import circle, and no patch loaded by the core.
+    code = (
+        "import sys, json\n"
+        "import connwatch._limits, connwatch._upstream, connwatch._snapshot, connwatch._leaks\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('connwatch.'))))\n"
+    )
+    proc = run_py(["-c", code])
+    assert proc.returncode == 0, proc.stderr
+    above = [m for m in json.loads(proc.stdout) if m.startswith(("connwatch.patches", "connwatch.cli",
+                                                                  "connwatch.exporters"))]
+    assert above == [], f"core modules imported {above}"

@@ -1,0 +1,116 @@
+"""``connwatch report``: live clients by call site, per process, from snapshot files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, List, Optional
+
+from .._snapshot import Snapshot
+from ._load import load_all, resolve
+from ._render import (
+    EXIT_NO_DATA,
+    EXIT_OK,
+    PLAIN,
+    Style,
+    age,
+    err,
+    fd_exhaustion_lines,
+    fd_line,
+    process_state,
+    rate_text,
+    short,
+    suspected,
+    use_colour,
+)
+
+
+def format_report(snap: Snapshot, top: int = 10, now: Optional[float] = None, path: str = "",
+                  style: Style = PLAIN) -> str:
+    """The human-readable report of one snapshot."""
+    now = time.time() if now is None else now
+    out: List[str] = []
+    argv = " ".join(snap.argv) if snap.argv else "?"
+    state = process_state(snap)
+    service = f" service {snap.service}" if snap.service else ""
+    out.append(style.bold(f"pid {snap.pid} on {snap.host}{service} [{state}]: {argv}"))
+    out.append(f"  snapshot {age(max(0.0, now - snap.time))} ago{(' (' + path + ')') if path else ''}")
+    out.append(f"  {fd_line(snap)}")
+    out.append(
+        f"  clients: {snap.live} live, {snap.created} created, {snap.closed} closed"
+        f" ({snap.gc_released} released only by garbage collection, never closed)"
+    )
+    leaks = suspected(snap)
+    if leaks:
+        out.append("  " + style.red(f"suspected leaks: {len(leaks)} call site(s) whose live count keeps rising"))
+    out.extend("  " + line for line in fd_exhaustion_lines(snap, style))
+    cap = snap.cap or {}
+    limits = [f"{k}={cap[k]}" for k in ("limit", "per_callsite", "per_upstream") if cap.get(k) is not None]
+    if limits or cap.get("exceeded"):
+        mode, hits = cap.get("mode", "warn"), cap.get("exceeded", 0)
+        out.append(f"  cap: {', '.join(limits) or 'none'} mode={mode} exceeded={hits}")
+    stats = snap.statistics("callsite")
+    if not stats:
+        out.append("  no clients tracked yet")
+        return "\n".join(out)
+    out.append("")
+    out.append(f"  {'LIVE':>6} {'CREATED':>8} {'CLOSED':>7} {'GC':>5} {'OLDEST':>7} {'GROWTH':>10}  "
+               f"{'KIND':<26} CALL SITE")
+    pad = " " * 49
+    for s in stats[:top]:
+        site = s.site
+        where = f"{short(site.file)}:{site.line} ({site.function})" if site else "?"
+        if site is not None and site.library:
+            where += " [library: no app frame]"
+        growth = s.growth
+        rate = rate_text(growth.per_min) if growth is not None and growth.samples >= 2 else "-"
+        flag = ""
+        if growth is not None and growth.suspected:
+            flag = "  " + style.red("<< suspected leak")
+        row = (f"  {s.live:>6} {s.created:>8} {s.closed:>7} {s.gc_released:>5} {age(s.oldest_age_s):>7} "
+               f"{rate:>10}  {s.label():<26} {where}")
+        out.append((style.red(row) if flag else row) + flag)
+        if s.upstreams:
+            ups = ", ".join(f"{u} ({n})" for u, n in sorted(s.upstreams, key=lambda x: -x[1])[:5])
+            out.append(f"  {pad}  upstreams: {ups}")
+        if site is not None and site.traceback and s.live:
+            out.append(style.dim(f"  {pad}  traceback (most recent call last):"))
+            for f, ln, fn in reversed(site.traceback):
+                out.append(style.dim(f"  {pad}    {short(f)}:{ln} in {fn}"))
+    if len(stats) > top:
+        out.append(f"  ... {len(stats) - top} more call sites (use --top N)")
+    return "\n".join(out)
+
+def main(args: argparse.Namespace) -> int:
+    paths, error = resolve(args.target)
+    if error:
+        err(f"report: {error}")
+        return EXIT_NO_DATA
+    good, bad = load_all(paths)
+    for msg in bad:
+        err(f"report: skipped {msg}")
+    if not good:
+        return EXIT_NO_DATA
+    good.sort(key=lambda ps: (-ps[1].live, ps[1].pid))
+    if args.json:
+        data: Any = [s.to_dict() for _, s in good]
+        if len(good) == 1 and not os.path.isdir(args.target or ""):
+            data = data[0]
+        print(json.dumps(data, indent=1))
+        return EXIT_OK
+    now = time.time()
+    style = Style(use_colour(sys.stdout))
+    print("\n\n".join(format_report(s, args.top, now, short(p), style) for p, s in good))
+    return EXIT_OK
+
+
+def register(sub: Any) -> None:
+    """Add the ``report`` command to the parser's subcommands."""
+    rep = sub.add_parser("report", help="show live clients by call site from snapshot files")
+    rep.add_argument("target", nargs="?", help="snapshot file, pid, or folder (default: this environment's folder)")
+    rep.add_argument("--json", action="store_true", help="print the snapshot JSON")
+    rep.add_argument("--top", type=int, default=10, metavar="N", help="call sites to show per process (10)")
+    rep.set_defaults(func=main)
