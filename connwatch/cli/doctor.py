@@ -186,7 +186,8 @@ def check_exporter() -> List[Dict[str, Any]]:
     if "otlp" in cfg.exporters:
         if importlib.util.find_spec("opentelemetry") is None or importlib.util.find_spec("opentelemetry.sdk") is None:
             checks.append(_check("exporter", WARN, "the otlp exporter needs the OpenTelemetry SDK, "
-                                 "which is not installed", "pip install 'connwatch[otlp]'"))
+                                 "which is not installed (connwatch depends on it)",
+                                 f"{sys.executable} -m pip install --force-reinstall connwatch"))
         shown, host, port = _otlp_endpoint()
         try:
             with socket.create_connection((host, port), timeout=1.0):
@@ -196,9 +197,6 @@ def check_exporter() -> List[Dict[str, Any]]:
             checks.append(_check("exporter endpoint", WARN, f"OTLP endpoint {shown} is not reachable "
                                  f"({e.strerror or e}): metrics will not arrive (snapshot files still work)",
                                  "start the collector, or set OTEL_EXPORTER_OTLP_ENDPOINT to where it listens"))
-    if "prometheus" in cfg.exporters and importlib.util.find_spec("prometheus_client") is None:
-        checks.append(_check("exporter", WARN, "the prometheus exporter needs prometheus_client",
-                             "pip install 'connwatch[prometheus]'"))
     return checks
 
 

@@ -7,8 +7,9 @@ import json
 import os
 import sys
 import time
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
+from .._fanin import by_upstream
 from .._snapshot import Snapshot
 from ._load import load_all, resolve
 from ._render import (
@@ -23,6 +24,7 @@ from ._render import (
     process_state,
     rate_text,
     short,
+    site_text,
     suspected,
     use_colour,
 )
@@ -84,6 +86,28 @@ def format_report(snap: Snapshot, top: int = 10, now: Optional[float] = None, pa
         out.append(f"  ... {len(stats) - top} more call sites (use --top N)")
     return "\n".join(out)
 
+
+def format_fanin(upstreams: List[Dict[str, Any]], processes: int, top: int = 10, style: Style = PLAIN) -> str:
+    """The human-readable fan-in: live clients per upstream across the processes of a folder."""
+    total = sum(u["live"] for u in upstreams)
+    out = [style.bold(f"fan-in: {total} live clients to {len(upstreams)} upstream(s) "
+                      f"from {processes} process{'es' if processes != 1 else ''}")]
+    if not upstreams:
+        out.append("  no live client with a known upstream")
+    for u in upstreams:
+        services = ", ".join(u["services"]) or "-"
+        out.append("")
+        out.append(style.bold(f"  {u['upstream']}") + f": {u['live']} live from {u['processes']} "
+                   f"process{'es' if u['processes'] != 1 else ''} (services: {services})")
+        out.append(f"    {'LIVE':>6} {'PROCS':>5}  {'KIND':<26} CALL SITE")
+        for c in u["callsites"][:top]:
+            out.append(f"    {c['live']:>6} {c['processes']:>5}  {c['kind']:<26} "
+                       f"{site_text(c['file'], c['line'], c['function'])}")
+        if len(u["callsites"]) > top:
+            out.append(f"    ... {len(u['callsites']) - top} more call sites (use --top N)")
+    return "\n".join(out)
+
+
 def main(args: argparse.Namespace) -> int:
     paths, error = resolve(args.target)
     if error:
@@ -95,6 +119,13 @@ def main(args: argparse.Namespace) -> int:
     if not good:
         return EXIT_NO_DATA
     good.sort(key=lambda ps: (-ps[1].live, ps[1].pid))
+    if args.by == "upstream":
+        fan = by_upstream(s for _, s in good)
+        if args.json:
+            print(json.dumps({"processes": len(good), "upstreams": fan}, indent=1))
+        else:
+            print(format_fanin(fan, len(good), args.top, Style(use_colour(sys.stdout))))
+        return EXIT_OK
     if args.json:
         data: Any = [s.to_dict() for _, s in good]
         if len(good) == 1 and not os.path.isdir(args.target or ""):
@@ -113,4 +144,7 @@ def register(sub: Any) -> None:
     rep.add_argument("target", nargs="?", help="snapshot file, pid, or folder (default: this environment's folder)")
     rep.add_argument("--json", action="store_true", help="print the snapshot JSON")
     rep.add_argument("--top", type=int, default=10, metavar="N", help="call sites to show per process (10)")
+    rep.add_argument("--by", choices=["callsite", "upstream"], default="callsite",
+                     help="callsite: each process's call sites (default); upstream: live clients summed per "
+                          "host:port across every process, with the services and call sites that hold them")
     rep.set_defaults(func=main)

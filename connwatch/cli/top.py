@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from .._fanin import by_upstream
 from .._snapshot import Snapshot, Statistic
 from ._load import scan, snapshot_dir
 from ._render import (
@@ -58,8 +59,13 @@ def _fit(text: str, width: int) -> str:
 
 def render_top(folder: str, summaries: List[Dict[str, Any]], skipped: List[Tuple[str, str]], now: float,
                width: int = 120, height: int = 40, style: Style = PLAIN, interval: float = 2.0,
-               interactive: bool = False) -> List[str]:
-    """The lines of one ``connwatch top`` screen (already cut to ``width`` x ``height``)."""
+               interactive: bool = False, upstreams: Optional[List[Dict[str, Any]]] = None) -> List[str]:
+    """The lines of one ``connwatch top`` screen (already cut to ``width`` x ``height``).
+
+    With ``upstreams`` (from :func:`connwatch._fanin.by_upstream`) the table is the upstream
+    view: live clients into each ``host:port`` summed over the processes, instead of one row
+    per process.
+    """
     running = sum(1 for p in summaries if p["state"] == "running")
     leaks = sum(len(p["suspected_leaks"]) for p in summaries)
     head = (f"connwatch top - {folder} - {time.strftime('%H:%M:%S', time.localtime(now))} - "
@@ -67,13 +73,26 @@ def render_top(folder: str, summaries: List[Dict[str, Any]], skipped: List[Tuple
             f" - {leaks} suspected leak{'s' if leaks != 1 else ''}")
     if skipped:
         head += f" - {len(skipped)} file{'s' if len(skipped) != 1 else ''} skipped"
-    hint = f"refresh {interval:g}s" + (", q quits" if interactive else "")
+    view = "upstreams" if upstreams is not None else "processes"
+    hint = f"refresh {interval:g}s, view: {view}" + (
+        f", u: {'processes' if upstreams is not None else 'upstreams'}, q quits" if interactive else "")
     out = [style.bold(_fit(head, width)), _fit(hint, width), ""]
-    cols = (f"{'PID':>8} {'SERVICE':<14} {'STATE':<8} {'FDS':>12} {'LIVE':>6} {'GC':>5} {'LEAKS':>5} "
-            f"{'FD ETA':>7}  TOP CALL SITES")
+    if upstreams is not None:
+        cols = f"{'UPSTREAM':<28} {'LIVE':>6} {'PROCS':>5} {'SERVICES':<20}  TOP CALL SITES"
+    else:
+        cols = (f"{'PID':>8} {'SERVICE':<14} {'STATE':<8} {'FDS':>12} {'LIVE':>6} {'GC':>5} {'LEAKS':>5} "
+                f"{'FD ETA':>7}  TOP CALL SITES")
     out.append(style.reverse(cols.ljust(width)[:width]) if style.enabled else _fit(cols, width))
     body: List[str] = []
-    for p in summaries:
+    for u in upstreams or ():
+        tops = ", ".join(f"{os.path.basename(c['file'])}:{c['line']} {c['function']} x{c['live']}"
+                         for c in u["callsites"]) or "-"
+        services = ",".join(u["services"]) or "-"
+        body.append(_fit(f"{u['upstream'][:28]:<28} {u['live']:>6} {u['processes']:>5} {services[:20]:<20}  {tops}",
+                         width))
+    if upstreams is not None and not upstreams and summaries:
+        body.append("  no live client with a known upstream")
+    for p in summaries if upstreams is None else ():
         fds = p["fds"]
         if fds["open"] is None:
             fd_text = "?"
@@ -120,12 +139,18 @@ def _sort_summaries(summaries: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def top_data(folder: str, now: Optional[float] = None, top: int = 3) -> Dict[str, Any]:
-    """One ``connwatch top`` refresh as data (the ``--json`` form)."""
+    """One ``connwatch top`` refresh as data (the ``--json`` form), with both views."""
     now = time.time() if now is None else now
     good, skipped = scan(folder)
     return {"dir": folder, "time": now,
             "processes": _sort_summaries([process_summary(p, s, now, top) for p, s in good]),
+            "upstreams": by_upstream((s for _, s in good), top_sites=top),
             "skipped": [{"path": p, "error": why} for p, why in skipped]}
+
+
+def _frame(folder: str, data: Dict[str, Any], by_upstreams: bool, **kw: Any) -> List[str]:
+    return render_top(folder, data["processes"], [(d["path"], d["error"]) for d in data["skipped"]], data["time"],
+                      upstreams=data["upstreams"] if by_upstreams else None, **kw)
 
 
 class _Terminal:
@@ -198,6 +223,7 @@ def main(args: argparse.Namespace) -> int:
         err(f"top: no snapshot folder at {folder}")
         return EXIT_NO_DATA
     interactive = not args.json and iterations is None and sys.stdout.isatty()
+    by_up = args.by == "upstream"
     if args.json:
         for i in range(iterations or 1):
             if i:
@@ -209,8 +235,7 @@ def main(args: argparse.Namespace) -> int:
         count = 0
         while True:
             data = top_data(folder, top=args.top)
-            lines = render_top(folder, data["processes"], [(d["path"], d["error"]) for d in data["skipped"]],
-                               data["time"], width=10_000, height=10_000, interval=args.interval)
+            lines = _frame(folder, data, by_up, width=10_000, height=10_000, interval=args.interval)
             print("\n".join(lines), flush=True)
             count += 1
             if iterations is not None and count >= iterations:
@@ -225,8 +250,8 @@ def main(args: argparse.Namespace) -> int:
 
             size = shutil.get_terminal_size((120, 40))
             data = top_data(folder, top=args.top)
-            term.draw(render_top(folder, data["processes"], [(d["path"], d["error"]) for d in data["skipped"]],
-                                 data["time"], size.columns, size.lines, style, args.interval, in_fd is not None))
+            term.draw(_frame(folder, data, by_up, width=size.columns, height=size.lines, style=style,
+                             interval=args.interval, interactive=in_fd is not None))
             deadline = time.monotonic() + args.interval
             while True:
                 key = term.wait_key(deadline - time.monotonic())
@@ -236,6 +261,9 @@ def main(args: argparse.Namespace) -> int:
                     continue
                 if "q" in key.lower() or "\x03" in key:
                     return EXIT_OK
+                if "u" in key.lower():
+                    by_up = not by_up
+                    break  # redraw in the other view
                 if " " in key or "r" in key.lower():
                     break  # refresh now
 
@@ -251,4 +279,7 @@ def register(sub: Any) -> None:
     top.add_argument("--once", action="store_true", help="print one screen and exit (same as -n 1)")
     top.add_argument("--json", action="store_true", help="print the view as JSON (one object per refresh)")
     top.add_argument("--top", type=int, default=3, metavar="N", help="call sites to show per process (3)")
+    top.add_argument("--by", choices=["process", "upstream"], default="process",
+                     help="rows per process (default) or per upstream host:port, summed over the processes "
+                          "(the key u switches)")
     top.set_defaults(func=main)

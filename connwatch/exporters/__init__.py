@@ -189,8 +189,9 @@ def _setup(run: _Run, names: Tuple[str, ...]) -> None:
 
 
 def _missing(name: str, e: ImportError) -> None:
-    _log.warn_once("exporter-missing:" + name, "the %s exporter needs the OpenTelemetry SDK and OTLP "
-                   "exporter (pip install 'connwatch[otlp]'): %s", name, e)
+    _log.warn_once("exporter-missing:" + name, "the %s exporter needs the OpenTelemetry SDK and OTLP exporter, "
+                   "which are connwatch's dependencies: reinstall it (pip install --force-reinstall connwatch): %s",
+                   name, e)
 
 
 def _register_new_threads(run: _Run, before: Set[threading.Thread]) -> None:
