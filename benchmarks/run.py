@@ -408,6 +408,48 @@ def scale(reps: int) -> List[Dict[str, Any]]:
     return out
 
 
+def _fleet_folder(folder: Path, files: int, sites: int, upstreams: int) -> None:
+    """``files`` snapshot files (one per process) of ``sites`` call sites each, to ``upstreams`` upstreams."""
+    from connwatch import _snapshot
+    from connwatch._callsite import CallSite
+
+    for pid in range(1, files + 1):
+        stats = tuple(
+            _snapshot.Statistic("requests.Session", None,
+                                CallSite(f"/srv/app/mod{i % 50}.py", 10 + i, f"handler_{i}", False,
+                                         ((f"/srv/app/mod{i % 50}.py", 10 + i, f"handler_{i}"),)),
+                                live=1 + (pid + i) % 7, created=50, closed=40,
+                                upstreams=((f"svc{i % upstreams}.internal:8080", 1 + (pid + i) % 7),))
+            for i in range(sites))
+        snap = _snapshot.Snapshot(stats, time.time(), pid, f"web-{pid % 40}", f"svc-{pid % 4}", fds_open=100,
+                                  fds_limit=1024)
+        snap.dump(str(folder / f"web-{pid}.json"))
+
+
+def cli_scale(quick: bool) -> List[Dict[str, Any]]:
+    """The CLI over folders of many processes' snapshot files: the whole command, as a user runs it."""
+    out = []
+    rows = [("report --by upstream --json", 1000, 20, 10)]
+    for name, files, sites, ups in rows:
+        if quick:
+            files = 50
+        with tempfile.TemporaryDirectory(prefix="connwatch-bench-") as tmp:
+            folder = Path(tmp)
+            _fleet_folder(folder, files, sites, ups)
+            times = []
+            for _ in range(1 if quick else 5):
+                t0 = time.perf_counter()
+                proc = subprocess.run([sys.executable, "-m", "connwatch", *name.split()[:1], str(folder),
+                                       *name.split()[1:]], capture_output=True, text=True, cwd="/",
+                                      env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+                times.append(time.perf_counter() - t0)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"connwatch {name} failed: {proc.stderr[-2000:]}")
+        out.append({"command": f"connwatch {name}", "files": files, "call_sites_per_file": sites,
+                    "seconds": statistics.median(times)})
+    return out
+
+
 PTH = (REPO / "connwatch" / "connwatch.pth").read_text().strip()
 # The installed package (with the compiled extension), not the checkout.
 PKG = Path(subprocess.run([sys.executable, "-c", "import connwatch, os; print(os.path.dirname(connwatch.__file__))"],
@@ -488,7 +530,8 @@ def machine() -> str:
 
 
 def markdown(over: List[Dict[str, Any]], tog: List[Dict[str, Any]], instr: List[Dict[str, Any]],
-             mem: Dict[str, Any], sc: List[Dict[str, Any]], st: Dict[str, Any]) -> str:
+             mem: Dict[str, Any], sc: List[Dict[str, Any]], st: Dict[str, Any],
+             cli: Optional[List[Dict[str, Any]]] = None) -> str:
     lines = [f"Measured on: {machine()}, {time.strftime('%Y-%m-%d')}", "",
              "Per operation: CPU time of the measured process (user+system), median of per-run medians; "
              "ratios (CPU / wall clock) and added time are medians of each round's paired comparison with the "
@@ -553,6 +596,11 @@ def markdown(over: List[Dict[str, Any]], tog: List[Dict[str, Any]], instr: List[
         coll = f"{r['collection_ms']:.3f} ms" if r["collection_ms"] is not None else "n/a"
         lines.append(f"| {r['call_sites']:,} | {r['live_clients']:,} | {r['snapshot_ms']:.3f} ms | "
                      f"{r['json_ms']:.3f} ms | {coll} |")
+    if cli:
+        lines += ["", "| command (whole process, median of 5) | snapshot files | call sites per file | time |",
+                  "|---|---|---|---|"]
+        for r in cli:
+            lines.append(f"| `{r['command']}` | {r['files']:,} | {r['call_sites_per_file']:,} | {r['seconds']:.2f} s |")
     lines += ["", "| start-up | value |", "|---|---|"]
     for k, v in st.items():
         lines.append(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |")
@@ -573,11 +621,12 @@ def main() -> None:
     mem = memories(2000 if args.quick else 100_000)
     sc = scale(3 if args.quick else 15)
     st = startup(5 if args.quick else 41)
+    cli = cli_scale(args.quick)
     if args.json:
         print(json.dumps({"machine": machine(), "overhead": over, "toggled": tog, "instructions": instr,
-                          "memory": mem, "scale": sc, "startup": st}, indent=1))
+                          "memory": mem, "scale": sc, "startup": st, "cli": cli}, indent=1))
     else:
-        print(markdown(over, tog, instr, mem, sc, st))
+        print(markdown(over, tog, instr, mem, sc, st, cli))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,11 @@ def test_dashboard_and_rules_use_exposed_metric_names() -> None:
     dash = json.loads((DEPLOY / "grafana" / "connwatch-dashboard.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     titles = {p["title"] for p in dash["panels"]}
-    assert {"Live clients by call site", "File descriptor utilisation", "Cap hits (per 5 minutes)"} <= titles
+    assert {"Live clients by call site", "File descriptor utilisation", "Cap hits (per 5 minutes)",
+            "Clients into each upstream, by calling service", "Clients into each upstream, by call site"} <= titles
+    fanin = [t["expr"] for p in dash["panels"] if p["title"].startswith("Clients into each upstream")
+             for t in p["targets"]]
+    assert all("server_address" in e and "server_port" in e for e in fanin), fanin
     used = set().union(*(_names(e) for e in exprs))
     assert used and used <= EXPOSED, used - EXPOSED
     rules = (DEPLOY / "prometheus" / "connwatch-rules.yml").read_text()
