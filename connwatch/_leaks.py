@@ -1,4 +1,5 @@
-"""Leak signals: per-call-site growth over a window of recent samples, and fd exhaustion.
+"""Leak and churn signals: per-call-site growth and creation rate over a window of recent
+samples, client lifetimes, and fd exhaustion.
 
 The snapshot writer feeds one sample per snapshot (live count per call site, open fds) into a
 small ring per site. A call site is a *suspected leak* when its live count rises across the
@@ -6,6 +7,14 @@ window as a whole (a rank trend, so one spike or one flat stretch does not decid
 is still rising in the recent half of the window: a pool that grows, then plateaus, stops
 being suspected once the plateau fills half the window. The cost of a sample and of an
 assessment grows with the number of call sites (times the fixed window), never with clients.
+
+A call site is *suspected churn* (a client built per call, the seed's first remedy broken) when
+it keeps creating clients that are closed or collected soon after: over the window it created
+at least ``CHURN_MIN_CREATED`` clients at ``CHURN_MIN_RATE`` per minute or more, and the median
+lifetime of the ones it released (the registry's lifetime buckets, filled at release) is under
+``CHURN_MAX_LIFETIME_S``. A shared client or a pool opened once creates too few; a pool that
+grows then plateaus releases none; accepted server sockets, listeners and socket pairs are a
+server's normal traffic and never judged.
 
 Stdlib only: this is part of the core.
 """
@@ -15,15 +24,21 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ._callsite import SLOTS
+from ._registry import LIFE_AT_10S, life_bucket_bounds
 
 WINDOW = 8  # samples kept per call site
 MIN_SAMPLES = 4  # fewer samples than this never suggest a leak
 MIN_RISE = 2  # a rise smaller than this (clients) over the window is noise
 MIN_TREND = 0.6  # Kendall-style trend score over the window, in [-1, 1]
 MAX_DRIVERS = 5
+CHURN_MIN_CREATED = 10  # clients created in the window, at least
+CHURN_MIN_RATE = 6.0  # clients created per minute, at least
+CHURN_MIN_RELEASED = 5  # released clients whose lifetimes are known, at least
+CHURN_MAX_LIFETIME_S = 10.0  # median lifetime below this (bucket bound: 10 s)
+CHURN_EXEMPT_ROLES = frozenset({"accepted", "listener", "pair"})
 
 Point = Tuple[float, int]  # (time in seconds, live count)
 Key = Tuple[str, Optional[str], str, int, str]  # (kind, role, file, line, function)
@@ -37,6 +52,81 @@ class Growth:
     per_min: float  # least-squares slope of the live count, clients per minute
     samples: int
     window_s: float
+
+
+@dataclass(frozen=True, **SLOTS)
+class Churn:
+    """How fast one call site creates clients and how long they live."""
+
+    suspected: bool
+    created_per_min: float  # over the window (or the site's life, before the window has 2 samples)
+    created: int  # clients created in that span
+    span_s: float
+    released: int  # released clients whose lifetime is known (since start or fork)
+    median_lifetime_s: Optional[float]  # None before the first release
+    short_lived: int  # released within CHURN_MAX_LIFETIME_S
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The snapshot's ``churn`` object."""
+        return {"created_per_min": round(self.created_per_min, 3), "created_in_window": self.created,
+                "window_s": round(self.span_s, 3), "released": self.released,
+                "median_lifetime_s": None if self.median_lifetime_s is None else round(self.median_lifetime_s, 6),
+                "short_lived": self.short_lived}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], suspected: bool) -> Churn:
+        """Read back a snapshot's ``churn`` object (missing fields: 0 / None)."""
+        med = d.get("median_lifetime_s")
+        return cls(bool(suspected), float(d.get("created_per_min") or 0.0), int(d.get("created_in_window") or 0),
+                   float(d.get("window_s") or 0.0), int(d.get("released") or 0),
+                   None if med is None else float(med), int(d.get("short_lived") or 0))
+
+
+def median_lifetime(lives: Sequence[int]) -> Optional[float]:
+    """The median of lifetime bucket counts (seconds), interpolated inside its bucket on a log scale."""
+    n = sum(lives)
+    if n <= 0:
+        return None
+    half = n / 2.0
+    seen = 0
+    for i, c in enumerate(lives):
+        if c and seen + c >= half:
+            low, high = life_bucket_bounds(i)
+            frac = (half - seen) / c
+            if low <= 0.0:
+                return high * frac if high != float("inf") else low
+            if high == float("inf"):
+                return low
+            return float(low * (high / low) ** frac)
+        seen += c
+    return None
+
+
+def assess_churn(role: Optional[str], created_points: Sequence[Point], lives: Sequence[int],
+                 created: int, first_seen: float, now: float) -> Churn:
+    """Decide whether a call site builds a client per call (see the module docstring).
+
+    ``created_points`` are (time, created) samples of the window, the last one now; with fewer
+    than two, the rate is taken over the site's life (``first_seen`` to ``now``).
+    """
+    if len(created_points) >= 2 and created_points[-1][0] - created_points[0][0] > 0.0:
+        span = created_points[-1][0] - created_points[0][0]
+        made = max(0, created_points[-1][1] - created_points[0][1])
+    else:
+        span = max(now - first_seen, 0.0)
+        made = created
+    per_min = made / max(span, 1.0) * 60.0
+    released = sum(lives)
+    med = median_lifetime(lives)
+    short = sum(lives[:LIFE_AT_10S])
+    suspected = (
+        role not in CHURN_EXEMPT_ROLES
+        and made >= CHURN_MIN_CREATED
+        and per_min >= CHURN_MIN_RATE
+        and released >= CHURN_MIN_RELEASED
+        and med is not None and med < CHURN_MAX_LIFETIME_S
+    )
+    return Churn(suspected, per_min, made, span, released, med, short)
 
 
 def slope(points: Sequence[Point]) -> float:
@@ -97,10 +187,12 @@ class Tracker:
         self.window = window
         self._lock = threading.Lock()
         self._sites: Dict[Key, Deque[Point]] = {}
+        self._created: Dict[Key, Deque[Point]] = {}
         self._fds: Deque[Point] = deque(maxlen=window)
 
-    def add(self, now: float, lives: Iterable[Tuple[Key, int]], fds_open: Optional[int]) -> None:
-        """Record one sample: the live count of every call site, and the open fds."""
+    def add(self, now: float, lives: Iterable[Tuple[Key, int]], fds_open: Optional[int],
+            created: Optional[Mapping[Key, int]] = None) -> None:
+        """Record one sample: the live count (and created count) of every call site, and the open fds."""
         with self._lock:
             seen = set()
             for key, live in lives:
@@ -109,8 +201,14 @@ class Tracker:
                 if ring is None:
                     ring = self._sites[key] = deque(maxlen=self.window)
                 ring.append((now, live))
+                if created is not None and key in created:
+                    cring = self._created.get(key)
+                    if cring is None:
+                        cring = self._created[key] = deque(maxlen=self.window)
+                    cring.append((now, created[key]))
             for key in [k for k in self._sites if k not in seen]:
                 del self._sites[key]  # a site the registry forgot (after clear())
+                self._created.pop(key, None)
             if fds_open is not None:
                 self._fds.append((now, fds_open))
 
@@ -126,6 +224,16 @@ class Tracker:
             return None
         return assess(points)
 
+    def created_points(self, key: Key, current: Point) -> List[Point]:
+        """The (time, created) samples of one call site's window, plus ``current`` if newer."""
+        with self._lock:
+            ring = self._created.get(key)
+            points = list(ring) if ring is not None else []
+        if not points or current[0] > points[-1][0]:
+            points.append(current)
+            points = points[-self.window:]
+        return points
+
     def fd_points(self, current: Optional[Point] = None) -> List[Point]:
         """The open-fd samples of the window (plus ``current``, if newer)."""
         with self._lock:
@@ -139,6 +247,7 @@ class Tracker:
         """Forget every sample (a forked child, or the agent restarted)."""
         with self._lock:
             self._sites.clear()
+            self._created.clear()
             self._fds.clear()
 
 

@@ -28,6 +28,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from math import frexp
 
 from ._callsite import CallSite
 
@@ -40,9 +41,32 @@ _monotonic = time.monotonic
 _getweakrefs = weakref.getweakrefs
 
 
+# Lifetimes of released clients, per stat: LIFE_BUCKETS buckets a factor 2 apart, bucket
+# LIFE_AT_10S starting at 10 s (bucket 0: under 0.6 ms; the last: 85 minutes and more). The same
+# in _speedups.c (NLIFE, LIFE_AT_10S, life_bucket).
+LIFE_BUCKETS = 24
+LIFE_AT_10S = 15
+
+
+def life_bucket_bounds(i: int) -> Tuple[float, float]:
+    """(low, high) seconds of lifetime bucket ``i`` (0 and inf at the ends)."""
+    low = 0.0 if i <= 0 else 10.0 * 2.0 ** (i - LIFE_AT_10S)
+    high = float("inf") if i >= LIFE_BUCKETS - 1 else 10.0 * 2.0 ** (i + 1 - LIFE_AT_10S)
+    return low, high
+
+
+def _life_bucket(ref: _Ref) -> int:
+    life = ref.life if ref.life > 0.0 else _monotonic() - ref.born
+    if not life > 0.0:
+        return 0
+    b = frexp(life / 10.0)[1] - 1 + LIFE_AT_10S
+    return 0 if b < 0 else LIFE_BUCKETS - 1 if b >= LIFE_BUCKETS else b
+
+
 class _Ref(weakref.ref):  # type: ignore[type-arg]
-    __slots__ = ("born", "closed", "next", "prev", "stat", "upstream", "want_role", "want_up")
+    __slots__ = ("born", "closed", "life", "next", "prev", "stat", "upstream", "want_role", "want_up")
     closed: bool  # a release event was queued
+    life: float  # seconds from born to the close or collection (set then); 0.0: not yet
     # The role and upstream the app asked for, set without the lock: the applied ones are
     # the stat's role and ``upstream``. A role change made before the object's track event
     # is applied needs no event of its own (see _add and set_role).
@@ -58,9 +82,12 @@ class _Ref(weakref.ref):  # type: ignore[type-arg]
 class _Stat:
     """Counts for one (kind, role, call site), and its live refs as a linked list."""
 
-    __slots__ = ("cap", "created", "gc_released", "head", "kind", "live", "role", "site", "tail", "upstreams")
+    __slots__ = ("cap", "created", "first", "gc_released", "head", "kind", "live", "lives", "role", "site", "tail",
+                 "upstreams")
 
     def __init__(self, kind: str, role: Optional[str], site: CallSite) -> None:
+        self.first = _monotonic()  # when the stat was made
+        self.lives = [0] * LIFE_BUCKETS  # released clients per lifetime bucket
         self.kind = kind
         self.role = role
         self.site = site
@@ -76,8 +103,9 @@ class _Stat:
 
 if TYPE_CHECKING:
     # Raw record handed to the snapshot: (kind, role, site, live, created, gc_released,
-    # oldest_born or None, ((upstream, live, created), ...))
-    Record = Tuple[str, Optional[str], CallSite, int, int, int, Optional[float], Tuple[Tuple[str, int, int], ...]]
+    # oldest_born or None, ((upstream, live, created), ...), lifetime bucket counts, first seen)
+    Record = Tuple[str, Optional[str], CallSite, int, int, int, Optional[float], Tuple[Tuple[str, int, int], ...],
+                   Tuple[int, ...], float]
     Reservation = Tuple[CallSite, Optional[str]]
 
 _lock = threading.RLock()
@@ -111,6 +139,7 @@ def _on_collected(ref: _Ref, _append: Any = _append, _gc: int = _GC) -> None:
     # Runs inside the GC, possibly while this thread holds the lock: only append. A ref whose
     # release is already queued (closed, then dropped) needs no second event.
     if not ref.closed:
+        ref.life = _monotonic() - ref.born
         _append((_gc, ref))
 
 
@@ -206,8 +235,10 @@ def _remove(ref: _Ref, collected: bool, uncount: bool = False) -> None:
     _totals[0] -= 1
     if uncount:
         stat.created -= 1
-    elif collected:
-        stat.gc_released += 1
+    else:
+        stat.lives[_life_bucket(ref)] += 1
+        if collected:
+            stat.gc_released += 1
     if stat.cap:
         _totals[1] -= 1
     up = ref.upstream
@@ -316,6 +347,7 @@ def track(obj: object, kind: str, site: CallSite, role: Optional[str] = None,
     ref = _Ref(obj, _on_collected)
     ref.stat = None
     ref.closed = False
+    ref.life = 0.0
     ref.want_role = role
     ref.want_up = upstream
     ref.born = _monotonic()
@@ -337,6 +369,7 @@ def release(obj: object) -> bool:
     for ref in _getweakrefs(obj):
         if type(ref) is _Ref and not ref.closed:
             ref.closed = True
+            ref.life = _monotonic() - ref.born
             _append((_RELEASE, ref))
             if len(_events) > _BATCH:
                 flush()
@@ -429,6 +462,7 @@ def transfer(old: object, new: object) -> bool:
     new_ref = _Ref(new, _on_collected)
     new_ref.stat = None
     new_ref.closed = False
+    new_ref.life = 0.0
     new_ref.born = ref.born
     ref.closed = True
     _append((_TRANSFER, ref, new_ref))
@@ -491,7 +525,8 @@ def records() -> List[Record]:
                 head = stat.head
                 ups = tuple((u, v[0], v[1]) for u, v in stat.upstreams.items() if v[0] or v[1])
                 out.append((stat.kind, stat.role, stat.site, stat.live, stat.created,
-                            stat.gc_released, head.born if head is not None else None, ups))
+                            stat.gc_released, head.born if head is not None else None, ups,
+                            tuple(stat.lives), stat.first))
             return out
         finally:
             _busy = False
@@ -542,9 +577,12 @@ def _after_fork_child() -> None:
     _res_total[0] = 0
     _res_site.clear()
     _res_up.clear()
+    now = _monotonic()
     for stat in _stats.values():
         stat.created = stat.live
         stat.gc_released = 0
+        stat.lives[:] = [0] * LIFE_BUCKETS
+        stat.first = now
         for v in stat.upstreams.values():
             v[1] = v[0]
 

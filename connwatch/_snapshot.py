@@ -49,6 +49,7 @@ class Statistic:
     upstreams: Tuple[Tuple[str, int], ...] = ()
     upstream: Optional[str] = None
     growth: Optional[_leaks.Growth] = None  # leak signal over recent samples (callsite group)
+    churn: Optional[_leaks.Churn] = None  # creation rate and lifetimes (callsite group)
 
     def label(self) -> str:
         """The kind with its role, e.g. ``socket/client`` or ``requests.Session``."""
@@ -198,6 +199,9 @@ class Snapshot:
                     "suspected_leak": s.growth.suspected, "growth_per_min": round(s.growth.per_min, 3),
                     "growth_samples": s.growth.samples, "growth_window_s": round(s.growth.window_s, 3),
                 })
+            if s.churn is not None:
+                callsites[-1]["suspected_churn"] = s.churn.suspected
+                callsites[-1]["churn"] = s.churn.to_dict()
         data: Dict[str, Any] = {
             "schema": SCHEMA, "pid": self.pid, "host": self.host, "service": self.service,
             "argv": list(self.argv), "time": self.time, "started": self.started,
@@ -340,10 +344,13 @@ def from_dict(data: Mapping[str, Any], source: str = "<snapshot>") -> Snapshot:
             if isinstance(row.get("suspected_leak"), bool):
                 growth = _leaks.Growth(row["suspected_leak"], float(row.get("growth_per_min") or 0.0),
                                        int(row.get("growth_samples") or 0), float(row.get("growth_window_s") or 0.0))
+            churn = None
+            if isinstance(row.get("churn"), dict):
+                churn = _leaks.Churn.from_dict(row["churn"], bool(row.get("suspected_churn", False)))
             stats.append(Statistic(
                 str(row["kind"]), row.get("role"), site, live, created, closed,
                 int(row.get("gc_released") or 0), None if age is None else float(age),
-                tuple((str(k), int(v)) for k, v in ups.items()), growth=growth,
+                tuple((str(k), int(v)) for k, v in ups.items()), growth=growth, churn=churn,
             ))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise SnapshotError(f"{source}: not a valid connwatch snapshot (bad call site row: {e!r})") from None
@@ -380,14 +387,15 @@ def take(final: bool = False, records: Optional[Iterable[_registry.Record]] = No
     tracker = _leaks.TRACKER
     keys = [(r[0], r[1], r[2].file, r[2].line, r[2].function) for r in recs]
     if sample:
-        tracker.add(now_m, zip(keys, (r[3] for r in recs)), fds_open)
+        tracker.add(now_m, zip(keys, (r[3] for r in recs)), fds_open, {k: r[4] for k, r in zip(keys, recs)})
     growths = []
-    for key, (kind, role, site, live, created, gc_rel, oldest, ups) in zip(keys, recs):
+    for key, (kind, role, site, live, created, gc_rel, oldest, ups, lives, first) in zip(keys, recs):
         age = None if oldest is None else max(0.0, now_m - oldest)
         growth = tracker.growth(key, (now_m, live))
         growths.append((key, growth))
+        churn = _leaks.assess_churn(role, tracker.created_points(key, (now_m, created)), lives, created, first, now_m)
         stats.append(Statistic(kind, role, site, live, created, created - live, gc_rel, age,
-                               tuple((u, n) for u, n, _c in ups if n), growth=growth))
+                               tuple((u, n) for u, n, _c in ups if n), growth=growth, churn=churn))
     extra: Dict[str, Any] = {}
     fd_points = tracker.fd_points(None if fds_open is None else (now_m, fds_open))
     if len(fd_points) >= 2:

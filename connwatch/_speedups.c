@@ -21,6 +21,7 @@
 #include <Python.h>
 #include "structmember.h"
 #include <time.h>
+#include <math.h>
 #if PY_VERSION_HEX < 0x030b0000
 #include "frameobject.h" /* PyFrameObject's fields and PyFrame_GetBack before 3.11 */
 #endif
@@ -62,10 +63,17 @@ enum { EV_TRACK = 0, EV_RELEASE, EV_GC, EV_ROLE, EV_TRANSFER, EV_UNRESERVE };
 /* ------------------------------------------------------------------------------------------ */
 /* Stat                                                                                       */
 
+/* Lifetimes of released clients per stat: NLIFE buckets, factor 2 apart, bucket LIFE_AT_10S
+   starting at 10 s (bucket 0: under 0.6 ms; the last: 85 minutes and more). The same in
+   _registry.py (LIFE_BUCKETS, _life_bucket). */
+#define NLIFE 24
+#define LIFE_AT_10S 15
+
 typedef struct {
     PyObject_HEAD
-    PyObject *kind, *role, *site, *head, *tail, *upstreams;
+    PyObject *kind, *role, *site, *head, *tail, *upstreams, *lives;
     Py_ssize_t live, created, gc_released;
+    double first; /* monotonic time the stat was made */
     char cap;
 } StatObject;
 
@@ -73,13 +81,13 @@ static PyTypeObject StatType;
 
 static int stat_traverse(StatObject *s, visitproc visit, void *arg) {
     Py_VISIT(s->kind); Py_VISIT(s->role); Py_VISIT(s->site);
-    Py_VISIT(s->head); Py_VISIT(s->tail); Py_VISIT(s->upstreams);
+    Py_VISIT(s->head); Py_VISIT(s->tail); Py_VISIT(s->upstreams); Py_VISIT(s->lives);
     return 0;
 }
 
 static int stat_clear(StatObject *s) {
     Py_CLEAR(s->kind); Py_CLEAR(s->role); Py_CLEAR(s->site);
-    Py_CLEAR(s->head); Py_CLEAR(s->tail); Py_CLEAR(s->upstreams);
+    Py_CLEAR(s->head); Py_CLEAR(s->tail); Py_CLEAR(s->upstreams); Py_CLEAR(s->lives);
     return 0;
 }
 
@@ -94,11 +102,22 @@ static int counts_toward_cap(PyObject *kind, PyObject *role) {
     return role != NULL && role != Py_None && PyUnicode_Check(role) && PyUnicode_Compare(role, s_client) == 0;
 }
 
+static double monotonic(void);
+
 static PyObject *stat_create(PyObject *kind, PyObject *role, PyObject *site) {
     StatObject *s = PyObject_GC_New(StatObject, &StatType);
     if (s == NULL) return NULL;
+    s->kind = s->role = s->site = s->head = s->tail = s->lives = NULL;
     s->upstreams = PyDict_New();
-    if (s->upstreams == NULL) { s->kind = s->role = s->site = s->head = s->tail = NULL; Py_DECREF(s); return NULL; }
+    if (s->upstreams == NULL) { Py_DECREF(s); return NULL; }
+    s->lives = PyList_New(NLIFE);
+    if (s->lives == NULL) { Py_DECREF(s); return NULL; }
+    for (Py_ssize_t i = 0; i < NLIFE; i++) {
+        PyObject *zero = PyLong_FromLong(0);
+        if (zero == NULL) { Py_DECREF(s); return NULL; }
+        PyList_SET_ITEM(s->lives, i, zero);
+    }
+    s->first = monotonic();
     Py_INCREF(kind); s->kind = kind;
     if (role == NULL) role = Py_None;
     Py_INCREF(role); s->role = role;
@@ -128,6 +147,8 @@ static PyMemberDef stat_members[] = {
     {"created", T_PYSSIZET, offsetof(StatObject, created), 0, NULL},
     {"gc_released", T_PYSSIZET, offsetof(StatObject, gc_released), 0, NULL},
     {"upstreams", T_OBJECT, offsetof(StatObject, upstreams), 0, NULL},
+    {"lives", T_OBJECT, offsetof(StatObject, lives), READONLY, NULL},
+    {"first", T_DOUBLE, offsetof(StatObject, first), 0, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -151,6 +172,8 @@ typedef struct {
     PyWeakReference wr;
     double born;
     char closed;
+    float life; /* seconds from born to the close or collection (set then); 0: not yet. In the
+                   padding after `closed`: it costs no memory. */
     PyObject *next, *prev, *stat, *upstream, *want_role, *want_up;
 } RefObject;
 
@@ -191,6 +214,7 @@ static void ref_dealloc(RefObject *r) {
 static PyMemberDef ref_members[] = {
     {"born", T_DOUBLE, offsetof(RefObject, born), 0, NULL},
     {"closed", T_BOOL, offsetof(RefObject, closed), 0, NULL},
+    {"life", T_FLOAT, offsetof(RefObject, life), 0, NULL},
     {"next", T_OBJECT, offsetof(RefObject, next), 0, NULL},
     {"prev", T_OBJECT, offsetof(RefObject, prev), 0, NULL},
     {"stat", T_OBJECT, offsetof(RefObject, stat), 0, NULL},
@@ -444,6 +468,17 @@ done:
     return rc;
 }
 
+/* The lifetime bucket of a released ref (its life was set at the close or collection; a ref
+   released some other way, e.g. by clear(), is measured now). */
+static Py_ssize_t life_bucket(RefObject *ref) {
+    double life = ref->life > 0.0f ? (double)ref->life : monotonic() - ref->born;
+    if (!(life > 0.0)) return 0;
+    int e;
+    frexp(life / 10.0, &e); /* life/10 = m * 2^e, m in [0.5, 1): floor(log2(life/10)) = e - 1 */
+    long b = (long)e - 1 + LIFE_AT_10S;
+    return b < 0 ? 0 : b >= NLIFE ? NLIFE - 1 : b;
+}
+
 /* Drop ref; uncount undoes its creation instead of counting a close. */
 static int remove_ref(RefObject *ref, int collected, int uncount) {
     PyObject *stat = NN(ref->stat);
@@ -470,6 +505,7 @@ static int remove_ref(RefObject *ref, int collected, int uncount) {
     if (list_add(totals, 0, -1) < 0) goto done;
     if (uncount) s->created--;
     else if (collected) s->gc_released++;
+    if (!uncount && s->lives != NULL && list_add(s->lives, life_bucket(ref), 1) < 0) goto done;
     if (s->cap && list_add(totals, 1, -1) < 0) goto done;
     PyObject *up = NN(ref->upstream);
     if (up != NULL) {
@@ -639,6 +675,8 @@ static PyObject *sp_on_collected(PyObject *self, PyObject *ref) {
     /* Runs inside the GC, maybe while this thread drains: only append. A ref whose release is
        queued already (closed, then dropped) needs no second event. */
     if (Ref_Check(ref) && !((RefObject *)ref)->closed) {
+        RefObject *r = (RefObject *)ref;
+        r->life = (float)(monotonic() - r->born);
         if (queue(PyTuple_Pack(2, tags[EV_GC], ref)) < 0) return NULL;
     }
     Py_RETURN_NONE;
@@ -711,6 +749,7 @@ static int release_obj(PyObject *obj) {
     RefObject *ref = ref_of(obj);
     if (ref == NULL) return 0;
     ref->closed = 1;
+    ref->life = (float)(monotonic() - ref->born);
     if (queue(PyTuple_Pack(2, tags[EV_RELEASE], (PyObject *)ref)) < 0) return -1;
     if (maybe_flush() < 0) return -1;
     return 1;

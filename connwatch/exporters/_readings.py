@@ -116,7 +116,7 @@ class Collector:
         live = r.live
         created = r.created
         split = self._split
-        for kind, _role, site, n_live, n_created, _gc, _oldest, ups in _registry.records():
+        for kind, _role, site, n_live, n_created, _gc, _oldest, ups, *_churn in _registry.records():
             key, own = self._site(site)
             base = self._attrs(kind, key)
             created[base] = created.get(base, 0) + n_created

@@ -39,7 +39,7 @@ def test_track_release_counts_exactly() -> None:
     objs = [Client() for _ in range(5)]
     for o in objs:
         _registry.track(o, "k", SITE, upstream="h:1")
-    _k, _r, _s, live, created, gc_rel, _o, ups = rec()
+    _k, _r, _s, live, created, gc_rel, _o, ups, *_ = rec()
     assert (live, created, gc_rel) == (5, 5, 0)
     assert ups == (("h:1", 5, 5),)
     assert _registry.upstream_live("h:1") == 5

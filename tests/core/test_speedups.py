@@ -38,8 +38,8 @@ SCRIPT = textwrap.dedent(
 
     def state():
         rows = sorted(
-            (k, r or "", s.file, n, c, g, o is not None, sorted(u))
-            for k, r, s, n, c, g, o, u in _registry.records()
+            (k, r or "", s.file, n, c, g, o is not None, sorted(u), sum(lives))
+            for k, r, s, n, c, g, o, u, lives, _first in _registry.records()
         )
         return [rows, _registry.live_total(), _registry.cap_live(),
                 [_registry.upstream_live(u) for u in ups if u]]
