@@ -209,3 +209,36 @@ def test_reentrant_call_from_inside_the_critical_section_is_deferred_and_applied
     r = rec("k", OTHER)
     assert (r[3], r[4]) == (1, 2), "the deferred release and track were both applied"
     assert _registry.is_tracked(newcomer) and not _registry.is_tracked(victim)
+
+
+def test_lifetimes_are_taken_at_release_not_when_events_are_applied() -> None:
+    from connwatch._leaks import median_lifetime
+
+    quick = [Client() for _ in range(6)]
+    slow = [Client() for _ in range(3)]
+    for o in quick + slow:
+        _registry.track(o, "k", SITE)
+    for o in quick:
+        _registry.release(o)  # lives well under 40 ms
+    time.sleep(0.1)
+    for o in slow:
+        _registry.release(o)  # lives 100 ms or more
+    time.sleep(1.0)  # the events are applied only now, by the read below
+    r = rec()
+    lives, first = r[8], r[9]
+    assert len(lives) == _registry.LIFE_BUCKETS and sum(lives) == 9
+    low_quick = _registry.life_bucket_bounds(max(i for i, n in enumerate(lives[:8]) if n))[1]
+    assert sum(lives[:8]) == 6 and low_quick <= 0.08, lives  # buckets below 78 ms: the quick ones
+    bucket_slow = [i for i, n in enumerate(lives) if n and i >= 8]
+    assert sum(lives[i] for i in bucket_slow) == 3
+    assert all(_registry.life_bucket_bounds(i)[1] <= 0.625 for i in bucket_slow), "measured at release, not 1.1 s later"
+    assert median_lifetime(lives) is not None and median_lifetime(lives) < 0.08
+    assert first <= time.monotonic()
+    # A collected client's lifetime is taken when it is collected.
+    gone = Client()
+    _registry.track(gone, "k", SITE)
+    del gone
+    gc.collect()
+    time.sleep(0.2)
+    assert sum(rec()[8]) == 10 and rec()[5] == 1
+    assert sum(rec()[8][:8]) == 7
