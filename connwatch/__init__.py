@@ -26,12 +26,13 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Optional
 
-    from ._guard import Leak, LeakError, guard
+    from ._guard import Churned, ChurnError, Leak, LeakError, guard
     from ._snapshot import Snapshot, SnapshotError, Statistic, StatisticDiff
 
 _LAZY = {
     "Snapshot": "_snapshot", "SnapshotError": "_snapshot", "Statistic": "_snapshot",
     "StatisticDiff": "_snapshot", "Leak": "_guard", "LeakError": "_guard", "guard": "_guard",
+    "ChurnError": "_guard", "Churned": "_guard",
 }
 
 
@@ -53,6 +54,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CallSite",
+    "ChurnError",
+    "Churned",
     "ClientCapExceeded",
     "Leak",
     "LeakError",

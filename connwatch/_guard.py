@@ -1,9 +1,11 @@
-"""Leak checks around a block of code: ``connwatch.guard()``, and the pytest plugin's engine.
+"""Leak and churn checks around a block of code: ``connwatch.guard()``, and the pytest plugin's engine.
 
 A check snapshots the registry before the block and after it, waits a short grace period
 for clients that are closed asynchronously (a background thread, an event loop callback),
 and reports every call site that holds more live clients than before, beyond what is
-allowed or ignored. Stdlib only: this is part of the core.
+allowed or ignored. With ``max_created`` it also reports every call site that created more
+than that many clients inside the block, closed or not: a client built per call. Stdlib only:
+this is part of the core.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, TypeVar, Union
 
-from . import _callsite, _snapshot
+from . import _callsite, _leaks, _snapshot
 from ._callsite import SLOTS, CallSite
 from ._snapshot import Snapshot, StatisticDiff
 
@@ -50,12 +52,36 @@ class Leak:
         return self.site.format() if self.site is not None else "?"
 
 
+@dataclass(frozen=True, **SLOTS)
+class Churned:
+    """A call site that created more clients inside a block than ``max_created`` allows."""
+
+    kind: str
+    role: Optional[str]
+    site: Optional[CallSite]
+    created: int  # clients created inside the block
+    live: int  # live clients of the site now
+
+    def label(self) -> str:
+        """The kind with its role."""
+        return f"{self.kind}/{self.role}" if self.role else self.kind
+
+    def where(self) -> str:
+        """``file:line (function)`` of the call site."""
+        return self.site.format() if self.site is not None else "?"
+
+
 class LeakError(AssertionError):
     """New live clients remained after a guarded block (an AssertionError, for test runners)."""
 
-    def __init__(self, message: str, leaks: Iterable[Leak] = ()) -> None:
+    def __init__(self, message: str, leaks: Iterable[Leak] = (), churned: Iterable[Churned] = ()) -> None:
         super().__init__(message)
         self.leaks: Tuple[Leak, ...] = tuple(leaks)
+        self.churned: Tuple[Churned, ...] = tuple(churned)
+
+
+class ChurnError(LeakError):
+    """A call site created more clients than ``max_created`` inside a guarded block, closed or not."""
 
 
 def _names(d: StatisticDiff) -> List[str]:
@@ -121,6 +147,28 @@ def find_leaks(before: Snapshot, after: Snapshot, allow: Allow = 0, ignore: Iter
     return found
 
 
+def find_churn(before: Snapshot, after: Snapshot, max_created: Optional[int],
+               ignore: Iterable[str] = ()) -> List[Churned]:
+    """Call sites that created more than ``max_created`` clients between the two snapshots.
+
+    Closed or not: a client built per call opens a new connection (and handshake) per call even
+    when it never leaks. Accepted sockets, listeners and socket pairs are a server's own traffic
+    and never count; ``ignore`` globs name sites or kinds to skip.
+    """
+    if max_created is None:
+        return []
+    ignore = tuple(ignore)
+    found = []
+    for d in after.compare_to(before):
+        if d.created_diff <= max_created or d.role in _leaks.CHURN_EXEMPT_ROLES:
+            continue
+        if any(matches(p, d) for p in ignore):
+            continue
+        found.append(Churned(d.kind, d.role, d.site, d.created_diff, d.live))
+    found.sort(key=lambda c: -c.created)
+    return found
+
+
 def check(before: Snapshot, allow: Allow = 0, ignore: Iterable[str] = (),
           grace: float = DEFAULT_GRACE_S) -> Tuple[List[Leak], Snapshot]:
     """Compare the registry now with ``before``; wait up to ``grace`` seconds for closes.
@@ -147,6 +195,20 @@ def _frames(site: CallSite) -> List[Tuple[str, int, str]]:
     frames = list(reversed(site.traceback))
     own = [f for f in frames if _callsite.classify(f[0]) == _callsite.USER]
     return (own or frames)[-MAX_FRAMES:]
+
+
+def format_churn(churned: Iterable[Churned], max_created: int, what: str = "the block") -> str:
+    """A message naming each call site that created too many clients, with its count and advice."""
+    churned = list(churned)
+    out = [f"connwatch: {what} created more than max_created={max_created} clients at "
+           f"{len(churned)} call site{'s' if len(churned) != 1 else ''} (closed or not: a client built per call):"]
+    for c in churned:
+        out.append(f"  {c.created} {c.label()} created at {c.where()} ({c.live} live there now): "
+                   f"{_leaks.churn_advice(c.kind, c.role)}")
+        if c.site is not None and c.site.traceback:
+            out.append("    traceback (most recent call last):")
+            out += [f"      {f}:{ln} in {fn}" for f, ln, fn in _frames(c.site)]
+    return "\n".join(out)
 
 
 def format_leaks(leaks: Iterable[Leak], what: str = "the block") -> str:
@@ -191,17 +253,28 @@ class guard:
         @connwatch.guard(allow={"socket/listener": 1}, grace=1.0)
         def test_server(): ...
 
+        with connwatch.guard(max_created=5):   # no call site may build more than 5 clients
+            for _ in range(20): requests.get(url)   # raises ChurnError, naming this line
+
     On exit (unless the block raised), waits up to ``grace`` seconds for asynchronous closes,
     then raises :class:`LeakError` naming each call site that holds more live clients than
-    on entry, beyond ``allow`` (see :func:`find_leaks`) and the glob patterns of ``ignore``.
+    on entry, beyond ``allow`` (see :func:`find_leaks`) and the glob patterns of ``ignore``;
+    with ``max_created``, :class:`ChurnError` (a LeakError) naming each call site that created
+    more than that many clients inside the block, even if all were closed.
     Starts the agent if it is not running (and leaves it running).
     """
 
-    def __init__(self, allow: Allow = 0, grace: float = DEFAULT_GRACE_S, ignore: Iterable[str] = ()) -> None:
+    def __init__(self, allow: Allow = 0, grace: float = DEFAULT_GRACE_S, ignore: Iterable[str] = (),
+                 max_created: Optional[int] = None) -> None:
+        if max_created is not None and (isinstance(max_created, bool) or not isinstance(max_created, int)
+                                        or max_created < 0):
+            raise ValueError(f"max_created must be a whole number 0 or more, not {max_created!r}")
         self.allow = allow
         self.grace = grace
         self.ignore = tuple(ignore)
+        self.max_created = max_created
         self.leaks: Tuple[Leak, ...] = ()
+        self.churned: Tuple[Churned, ...] = ()
         self._local = threading.local()
 
     def _stack(self) -> List[Snapshot]:
@@ -219,10 +292,17 @@ class guard:
         before = self._stack().pop()
         if exc_type is not None:
             return  # the block's own error says more than a leak would
-        leaks, _after = check(before, self.allow, self.ignore, self.grace)
+        leaks, after = check(before, self.allow, self.ignore, self.grace)
         self.leaks = tuple(leaks)
+        churned = find_churn(before, after, self.max_created, self.ignore)
+        self.churned = tuple(churned)
         if leaks:
-            raise LeakError(format_leaks(leaks), leaks)
+            message = format_leaks(leaks)
+            if churned and self.max_created is not None:
+                message += "\n" + format_churn(churned, self.max_created)
+            raise LeakError(message, leaks, churned)
+        if churned and self.max_created is not None:
+            raise ChurnError(format_churn(churned, self.max_created), (), churned)
 
     def __call__(self, func: F) -> F:
         @functools.wraps(func)

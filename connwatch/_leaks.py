@@ -82,6 +82,28 @@ class Churn:
                    None if med is None else float(med), int(d.get("short_lived") or 0))
 
 
+# What to do about a client built per call, by kind (the seed's first remedy: build it once).
+_ADVICE = {
+    "requests.Session": "share one requests.Session (requests.get() and friends build a new one per call)",
+    "httpx.Client": "build one httpx.Client for the app and reuse it",
+    "httpx.AsyncClient": "build one httpx.AsyncClient for the app and reuse it",
+    "aiohttp.ClientSession": "build one aiohttp.ClientSession for the app and reuse it",
+    "grpc.Channel": "create the channel once and reuse it (one channel multiplexes many calls)",
+    "grpc.aio.Channel": "create the channel once and reuse it (one channel multiplexes many calls)",
+    "urllib3.PoolManager": "keep one PoolManager and reuse it",
+    "urllib3.ProxyManager": "keep one ProxyManager and reuse it",
+    "urllib3.HTTPConnectionPool": "keep one pool (or a PoolManager) and reuse it",
+    "urllib3.HTTPSConnectionPool": "keep one pool (or a PoolManager) and reuse it",
+}
+
+
+def churn_advice(kind: str, role: Optional[str] = None) -> str:
+    """One line of advice for a call site that builds a client per call."""
+    if kind == "socket":
+        return "a new connection per call: reuse one client or pool (keep-alive), or check that the server keeps them"
+    return _ADVICE.get(kind, "build the client once (a shared instance, or injected) and reuse it")
+
+
 def median_lifetime(lives: Sequence[int]) -> Optional[float]:
     """The median of lifetime bucket counts (seconds), interpolated inside its bucket on a log scale."""
     n = sum(lives)
