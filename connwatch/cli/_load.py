@@ -94,13 +94,20 @@ class Group:
         self.snaps = snaps
         self.skipped = skipped
         self.sites: Dict[SiteKey, List[int]] = {}  # key -> [live, created, gc_released, processes]
+        # key -> [processes flagging suspected churn, sum of their created_per_min]
+        self.churn: Dict[SiteKey, List[float]] = {}
         for _p, snap in snaps:
             for s in snap.stats:
-                row = self.sites.setdefault(site_key(s), [0, 0, 0, 0])
+                key = site_key(s)
+                row = self.sites.setdefault(key, [0, 0, 0, 0])
                 row[0] += s.live
                 row[1] += s.created
                 row[2] += s.gc_released
                 row[3] += 1
+                if s.churn is not None and s.churn.suspected:
+                    c = self.churn.setdefault(key, [0, 0.0])
+                    c[0] += 1
+                    c[1] += s.churn.created_per_min
 
     @property
     def processes(self) -> int:

@@ -148,6 +148,32 @@ def fd_exhaustion_lines(snap: Snapshot, style: Style = PLAIN) -> List[str]:
     return out
 
 
+def churning(snap: Snapshot) -> List[Statistic]:
+    """Call sites of the snapshot flagged as suspected churn (a client per call), fastest first."""
+    out = [s for s in snap.stats if s.churn is not None and s.churn.suspected]
+    return sorted(out, key=lambda s: -(s.churn.created_per_min if s.churn else 0.0))
+
+
+def lifetime_text(seconds: Optional[float]) -> str:
+    """A client lifetime: ``3.2ms``, ``1.5s``, ``2.0m``."""
+    if seconds is None:
+        return "-"
+    if seconds < 1.0:
+        return f"{seconds * 1000:.1f}ms"
+    return age(seconds)
+
+
+def churn_text(s: Statistic) -> str:
+    """``churn: 540 created/min, median lifetime 3.1ms: <advice>`` for a churning call site."""
+    from .._leaks import churn_advice
+
+    c = s.churn
+    if c is None:
+        return ""
+    return (f"churn: {c.created_per_min:.0f} created/min, median lifetime {lifetime_text(c.median_lifetime_s)} "
+            f"({c.released} released): {churn_advice(s.kind, s.role)}")
+
+
 def suspected(snap: Snapshot) -> List[Statistic]:
     """Call sites of the snapshot flagged as suspected leaks, fastest growth first."""
     out = [s for s in snap.stats if s.growth is not None and s.growth.suspected]

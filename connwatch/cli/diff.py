@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any, Dict, Optional
 
+from .._leaks import churn_advice
 from ._load import Group, load_group
 from ._render import EXIT_FAIL, EXIT_NO_DATA, EXIT_OK, EXIT_USAGE, PLAIN, Style, err, site_text, use_colour
 
@@ -35,11 +36,15 @@ def diff_groups(old: Group, new: Group, max_growth: Optional[float] = None,
             exceeded.append(f"ratio {ratio:.2f} > {max_ratio:g}")
         n = new.sites.get(key)
         o = old.sites.get(key)
+        nc, oc = new.churn.get(key), old.churn.get(key)
         rows.append({
             "kind": key[0], "role": key[1], "file": key[2], "line": key[3], "function": key[4],
             "old_live": _num(a), "new_live": _num(b), "growth": _num(growth), "ratio": round(ratio, 3),
             "old_created": o[1] if o else 0, "new_created": n[1] if n else 0,
             "new_gc_released": n[2] if n else 0,
+            # processes of each side that flag the site as suspected churn (a client per call)
+            "old_churn_processes": int(oc[0]) if oc else 0, "new_churn_processes": int(nc[0]) if nc else 0,
+            "new_churn_created_per_min": round(nc[1] / nc[0], 3) if nc else None,
             "exceeded": exceeded,
         })
     rows.sort(key=lambda r: (not r["exceeded"], -abs(r["growth"]), -r["new_live"], r["file"], r["line"]))
@@ -60,7 +65,8 @@ def format_diff(result: Dict[str, Any], top: int = 20, style: Style = PLAIN) -> 
     out = [style.bold(f"{old['target']} ({old['processes']} process{'es' if old['processes'] != 1 else ''})"
                       f" -> {new['target']} ({new['processes']} process{'es' if new['processes'] != 1 else ''}),"
                       f" {unit} per call site")]
-    rows = [r for r in result["callsites"] if r["growth"] or r["exceeded"] or r["new_live"]]
+    rows = [r for r in result["callsites"]
+            if r["growth"] or r["exceeded"] or r["new_live"] or r.get("new_churn_processes")]
     if not rows:
         out.append("  no live clients on either side")
     else:
@@ -72,6 +78,12 @@ def format_diff(result: Dict[str, Any], top: int = 20, style: Style = PLAIN) -> 
             if r["exceeded"]:
                 line = style.red(line + "  FAIL: " + ", ".join(r["exceeded"]))
             out.append(line)
+            if r.get("new_churn_processes"):
+                was = " (new)" if not r.get("old_churn_processes") else ""
+                out.append(style.yellow(
+                    f"  {'':>31}churn{was}: {r['new_churn_processes']} of {new['processes']} process(es) build a "
+                    f"client per call, {r['new_churn_created_per_min']:.0f} created/min each: "
+                    f"{churn_advice(r['kind'], r['role'])}"))
         if len(rows) > top:
             out.append(f"  ... {len(rows) - top} more call sites (use --top N or --json)")
     th = result["thresholds"]

@@ -18,6 +18,8 @@ from ._render import (
     PLAIN,
     Style,
     age,
+    churn_text,
+    churning,
     err,
     fd_exhaustion_lines,
     fd_line,
@@ -48,6 +50,10 @@ def format_report(snap: Snapshot, top: int = 10, now: Optional[float] = None, pa
     leaks = suspected(snap)
     if leaks:
         out.append("  " + style.red(f"suspected leaks: {len(leaks)} call site(s) whose live count keeps rising"))
+    churns = churning(snap)
+    if churns:
+        out.append("  " + style.yellow(f"suspected churn: {len(churns)} call site(s) build a new client per call "
+                                       "(closed soon after: a new connection and handshake every time)"))
     out.extend("  " + line for line in fd_exhaustion_lines(snap, style))
     cap = snap.cap or {}
     limits = [f"{k}={cap[k]}" for k in ("limit", "per_callsite", "per_upstream") if cap.get(k) is not None]
@@ -72,9 +78,14 @@ def format_report(snap: Snapshot, top: int = 10, now: Optional[float] = None, pa
         flag = ""
         if growth is not None and growth.suspected:
             flag = "  " + style.red("<< suspected leak")
+        churn = s.churn is not None and s.churn.suspected
+        if churn:
+            flag += "  " + style.yellow("<< suspected churn")
         row = (f"  {s.live:>6} {s.created:>8} {s.closed:>7} {s.gc_released:>5} {age(s.oldest_age_s):>7} "
                f"{rate:>10}  {s.label():<26} {where}")
-        out.append((style.red(row) if flag else row) + flag)
+        out.append((style.red(row) if growth is not None and growth.suspected else row) + flag)
+        if churn:
+            out.append(style.yellow(f"  {pad}  {churn_text(s)}"))
         if s.upstreams:
             ups = ", ".join(f"{u} ({n})" for u, n in sorted(s.upstreams, key=lambda x: -x[1])[:5])
             out.append(f"  {pad}  upstreams: {ups}")

@@ -10,6 +10,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from .._fanin import by_upstream
+from .._leaks import churn_advice
 from .._snapshot import Snapshot, Statistic
 from ._load import scan, snapshot_dir
 from ._render import (
@@ -19,8 +20,10 @@ from ._render import (
     PLAIN,
     Style,
     age,
+    churning,
     err,
     fd_exhaustion,
+    lifetime_text,
     process_state,
     rate_text,
     site_text,
@@ -36,7 +39,9 @@ def _site_dict(s: Statistic) -> Dict[str, Any]:
             "function": site.function if site else "?", "live": s.live, "created": s.created,
             "gc_released": s.gc_released, "oldest_age_s": s.oldest_age_s,
             "growth_per_min": None if g is None else round(g.per_min, 3),
-            "suspected_leak": bool(g is not None and g.suspected)}
+            "suspected_leak": bool(g is not None and g.suspected),
+            "suspected_churn": bool(s.churn is not None and s.churn.suspected),
+            "churn": s.churn.to_dict() if s.churn is not None else None}
 
 
 def process_summary(path: str, snap: Snapshot, now: float, top: int = 3) -> Dict[str, Any]:
@@ -49,6 +54,7 @@ def process_summary(path: str, snap: Snapshot, now: float, top: int = 3) -> Dict
         "live": snap.live, "created": snap.created, "gc_released": snap.gc_released,
         "top_callsites": [_site_dict(s) for s in snap.statistics("callsite")[:top] if s.live],
         "suspected_leaks": [_site_dict(s) for s in suspected(snap)],
+        "suspected_churn": [_site_dict(s) for s in churning(snap)],
         "fd_exhaustion_eta_s": fx.get("eta_s") if fx else None,
     }
 
@@ -125,6 +131,17 @@ def render_top(folder: str, summaries: List[Dict[str, Any]], skipped: List[Tuple
                 f"live {c['live']} {rate_text(c['growth_per_min'])} oldest {age(c['oldest_age_s'])}", width))
     if leak_lines:
         body += ["", style.red("SUSPECTED LEAKS")] + [style.red(x) for x in leak_lines]
+    churn_lines: List[str] = []
+    for p in summaries:
+        for c in p.get("suspected_churn", ()):
+            kind = f"{c['kind']}/{c['role']}" if c["role"] else c["kind"]
+            ch = c["churn"] or {}
+            churn_lines.append(_fit(
+                f"  pid {p['pid']}: {site_text(c['file'], c['line'], c['function'], 50)} {kind} "
+                f"{ch.get('created_per_min', 0):.0f} created/min, median lifetime "
+                f"{lifetime_text(ch.get('median_lifetime_s'))}: {churn_advice(c['kind'], c['role'])}", width))
+    if churn_lines:
+        body += ["", style.yellow("SUSPECTED CHURN (a new client per call)")] + [style.yellow(x) for x in churn_lines]
     if skipped:
         body += ["", style.yellow("SKIPPED FILES (not valid connwatch snapshots)")]
         body += [style.yellow(_fit(f"  {os.path.basename(path)}: {why}", width)) for path, why in skipped]

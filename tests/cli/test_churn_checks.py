@@ -125,3 +125,40 @@ def test_pytest_marker_and_ini_default(pytester: pytest.Pytester, monkeypatch: p
     pytester.makeini("[pytest]\nconnwatch = true\nconnwatch_max_created = lots\n")
     bad = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
     assert bad.ret != 0 and "connwatch_max_created must be a whole number" in bad.stderr.str() + bad.stdout.str()
+
+
+def test_report_top_and_diff_show_churn_with_advice(apps: Any, tcp_server: Any, tmp_path: Any) -> None:
+    from .conftest import connwatch_cli, site_row, validate
+
+    churny = apps("churn", tcp_server.port, folder=tmp_path / "canary")
+    data = churny.wait_for(lambda d: any(r.get("suspected_churn") for r in d["callsites"]))
+    validate(data)
+    row = site_row(data, "connect_churn")
+    assert row["suspected_churn"] is True and row["live"] == 0
+    assert row["churn"]["created_per_min"] >= 6 and row["churn"]["median_lifetime_s"] < 10
+    assert all(not r.get("suspected_churn") for r in data["callsites"] if r is not row)
+    steady = apps("hold", tcp_server.port, "3", folder=tmp_path / "baseline", interval=0)
+    assert steady.finish() == 0
+    assert not any(r.get("suspected_churn") for r in steady.snapshot()["callsites"])
+
+    report = connwatch_cli("report", str(churny.path))
+    assert report.returncode == 0, report.stderr
+    out = report.stdout
+    assert "suspected churn: 1 call site(s) build a new client per call" in out
+    line = next(ln for ln in out.splitlines() if "(connect_churn)" in ln and "socket/client" in ln)
+    assert "<< suspected churn" in line
+    assert re.search(r"churn: \d+ created/min, median lifetime [\d.]+ms \(\d+ released\): a new connection per "
+                     r"call: reuse one client or pool", out), out
+
+    top = connwatch_cli("top", str(tmp_path / "canary"), "--once")
+    assert "SUSPECTED CHURN (a new client per call)" in top.stdout and "connect_churn" in top.stdout
+
+    assert churny.finish() == 0
+    diff = connwatch_cli("diff", str(tmp_path / "baseline"), str(tmp_path / "canary"), "--json")
+    assert diff.returncode == 0, diff.stderr
+    import json
+
+    rows = [r for r in json.loads(diff.stdout)["callsites"] if r["function"] == "connect_churn"]
+    assert rows and rows[0]["new_churn_processes"] == 1 and rows[0]["old_churn_processes"] == 0
+    text = connwatch_cli("diff", str(tmp_path / "baseline"), str(tmp_path / "canary")).stdout
+    assert "churn (new): 1 of 1 process(es) build a client per call" in text, text
