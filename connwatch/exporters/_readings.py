@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from .. import _callsite, _fds, _limits, _registry
+from .. import _callsite, _fds, _leaks, _limits, _registry
 
 KIND = "connwatch.client.kind"
 FILE = "code.file.path"
@@ -50,12 +50,14 @@ def split_upstream(upstream: str) -> Tuple[str, Optional[int]]:
 class Reading:
     """One collection: (attributes, value) series per metric, plus the fd numbers."""
 
-    __slots__ = ("cap_exceeded", "created", "fd_limit", "fd_open", "fd_utilization", "live", "time")
+    __slots__ = ("cap_exceeded", "created", "fd_limit", "fd_open", "fd_utilization", "live", "short_lived", "time")
 
     def __init__(self) -> None:
         self.time = time.monotonic()
         self.live: Dict[Attrs, int] = {}
         self.created: Dict[Attrs, int] = {}
+        # Clients released within 10 s of their creation (the churn signal: a client per call).
+        self.short_lived: Dict[Attrs, int] = {}
         self.cap_exceeded: Dict[Attrs, int] = {}
         self.fd_open: Optional[int] = None
         self.fd_limit: Optional[int] = None
@@ -115,11 +117,16 @@ class Collector:
         r = Reading()
         live = r.live
         created = r.created
+        short_lived = r.short_lived
         split = self._split
-        for kind, _role, site, n_live, n_created, _gc, _oldest, ups, *_churn in _registry.records():
+        short = _registry.LIFE_AT_10S
+        exempt = _leaks.CHURN_EXEMPT_ROLES  # a server's accepted sockets are no churn
+        for kind, role, site, n_live, n_created, _gc, _oldest, ups, lives, _first in _registry.records():
             key, own = self._site(site)
             base = self._attrs(kind, key)
             created[base] = created.get(base, 0) + n_created
+            if role not in exempt:
+                short_lived[base] = short_lived.get(base, 0) + sum(lives[:short])
             rest = n_live
             if own and ups:
                 for upstream, u_live, _u_created in ups[:MAX_UPSTREAMS_PER_SITE]:

@@ -167,6 +167,9 @@ class Pipeline:
         def created(_options: Any) -> Iterable[Any]:
             return obs(c.reading().created)
 
+        def short_lived(_options: Any) -> Iterable[Any]:
+            return obs(c.reading().short_lived)
+
         def cap(_options: Any) -> Iterable[Any]:
             return obs(c.reading().cap_exceeded)
 
@@ -186,6 +189,9 @@ class Pipeline:
                                       description="Live network clients per call site")
         meter.create_observable_counter("connwatch.clients.created", [created], unit="{client}",
                                         description="Clients created per call site")
+        meter.create_observable_counter("connwatch.clients.short_lived", [short_lived], unit="{client}",
+                                        description="Clients released within 10 s of their creation, per call site "
+                                                    "(a client built per call)")
         meter.create_observable_counter("connwatch.cap.exceeded", [cap], unit="{client}",
                                         description="New clients over a connwatch cap")
         meter.create_observable_up_down_counter("process.unix.file_descriptor.count", [fd_open],

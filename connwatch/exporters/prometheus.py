@@ -4,7 +4,8 @@ Why not opentelemetry-exporter-prometheus: it needs the SDK and prometheus_clien
 import time) for what is one registry walk rendered as text; this server needs neither, so
 ``CONNWATCH_EXPORTER=prometheus`` works without the ``otlp`` extra. Names are the OTLP
 contract names translated the usual way (dots to underscores, ``_total`` on counters):
-``connwatch_clients_live``, ``connwatch_clients_created_total``, ``connwatch_cap_exceeded_total``,
+``connwatch_clients_live``, ``connwatch_clients_created_total``, ``connwatch_clients_short_lived_total``,
+``connwatch_cap_exceeded_total``,
 ``process_unix_file_descriptor_count``, ``connwatch_fd_limit``, ``connwatch_fd_utilization``.
 
 The listener and every accepted connection are made on this module's threads, so the call-site
@@ -28,6 +29,8 @@ _METRICS: Tuple[Tuple[str, str, str, str], ...] = (
     # (reading field, exposition name, type, help)
     ("live", "connwatch_clients_live", "gauge", "Live network clients per call site"),
     ("created", "connwatch_clients_created_total", "counter", "Clients created per call site"),
+    ("short_lived", "connwatch_clients_short_lived_total", "counter",
+     "Clients released within 10 s of their creation, per call site (a client built per call)"),
     ("cap_exceeded", "connwatch_cap_exceeded_total", "counter", "New clients over a connwatch cap"),
 )
 

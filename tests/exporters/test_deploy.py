@@ -12,7 +12,8 @@ from .test_prometheus import require_tool
 
 DEPLOY = REPO / "deploy"
 # Every metric name our /metrics serves (connwatch/exporters/prometheus.py).
-EXPOSED = {"connwatch_clients_live", "connwatch_clients_created_total", "connwatch_cap_exceeded_total",
+EXPOSED = {"connwatch_clients_live", "connwatch_clients_created_total", "connwatch_clients_short_lived_total",
+           "connwatch_cap_exceeded_total",
            "process_unix_file_descriptor_count", "connwatch_fd_limit", "connwatch_fd_utilization"}
 
 

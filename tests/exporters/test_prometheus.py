@@ -161,3 +161,42 @@ def test_real_prometheus_scrapes_the_agent(tmp_path: Path, tcp_server: Any) -> N
     assert sample["metric"]["job"] == "connwatch"
     assert sample["metric"]["connwatch_client_kind"] == "socket"
     assert float(sample["value"][1]) == 4.0
+
+
+CHURN_APP = """
+import socket, sys
+from connwatch import exporters
+assert exporters.wait_ready(20)
+listener = socket.create_server(("127.0.0.1", 0))
+def per_call():
+    c = socket.create_connection(listener.getsockname())  # MARK:churn
+    a, _ = listener.accept()  # MARK:accept
+    a.close()
+    c.close()
+for _ in range(12):
+    per_call()
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_short_lived_clients_are_exported_per_call_site(tmp_path: Path) -> None:
+    from tests.conftest import clean_env
+
+    path, marks = write_app(tmp_path, CHURN_APP)
+    port = free_port()
+    env = clean_env(CONNWATCH_ENABLED="1", CONNWATCH_SNAPSHOT_INTERVAL="0", CONNWATCH_DIR=str(tmp_path / "s"),
+                    CONNWATCH_EXPORTER="prometheus", CONNWATCH_PROMETHEUS_PORT=str(port))
+    proc = subprocess.Popen([sys.executable, str(path)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            rows = _parse(r.read().decode())
+    finally:
+        _finish(proc)
+    short = {r["labels"]["code_line_number"]: r["value"] for r in rows
+             if r["name"] == "connwatch_clients_short_lived_total" and r["labels"]["code_file_path"] == str(path)}
+    assert short.get(str(marks["churn"])) == 12.0, short
+    # A server's accepted sockets are its normal traffic: never counted as churn.
+    assert short.get(str(marks["accept"]), 0.0) == 0.0, short
