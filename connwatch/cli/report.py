@@ -68,7 +68,10 @@ def format_report(snap: Snapshot, top: int = 10, now: Optional[float] = None, pa
     out.append(f"  {'LIVE':>6} {'CREATED':>8} {'CLOSED':>7} {'GC':>5} {'OLDEST':>7} {'GROWTH':>10}  "
                f"{'KIND':<26} CALL SITE")
     pad = " " * 49
-    for s in stats[:top]:
+    # The top sites by live count, and every flagged site (a site that churns holds few clients).
+    shown = stats[:top] + [s for s in stats[top:] if (s.churn is not None and s.churn.suspected)
+                           or (s.growth is not None and s.growth.suspected)]
+    for s in shown:
         site = s.site
         where = f"{short(site.file)}:{site.line} ({site.function})" if site else "?"
         if site is not None and site.library:
@@ -93,8 +96,8 @@ def format_report(snap: Snapshot, top: int = 10, now: Optional[float] = None, pa
             out.append(style.dim(f"  {pad}  traceback (most recent call last):"))
             for f, ln, fn in reversed(site.traceback):
                 out.append(style.dim(f"  {pad}    {short(f)}:{ln} in {fn}"))
-    if len(stats) > top:
-        out.append(f"  ... {len(stats) - top} more call sites (use --top N)")
+    if len(stats) > len(shown):
+        out.append(f"  ... {len(stats) - len(shown)} more call sites (use --top N)")
     return "\n".join(out)
 
 
