@@ -496,10 +496,19 @@ def startup(runs: int) -> Dict[str, Any]:
         res["pth line, off (us)"] = min(timeit.repeat(PTH, setup="import os", number=20000, repeat=5)) / 20000 * 1e6
         # Main-thread cost of starting the agent, with the OTLP exporter configured: the SDK
         # import must happen on the exporter's thread, not here.
-        code = ("import time, sys; t = time.perf_counter(); import connwatch.bootstrap as b; "
-                "b.start(exporter='otlp', snapshot_interval=0, dir=sys.argv[1]); "
-                "d = time.perf_counter() - t; import sys; "
-                "print(d * 1e3, 'opentelemetry.sdk.metrics' in sys.modules)")
+        # Which thread imports the SDK is recorded by a meta-path finder (checking sys.modules after
+        # start would race with the exporter thread's own import).
+        code = ("import sys, threading, time\n"
+                "seen = []\n"
+                "class Spy:\n"
+                "    def find_spec(self, name, path=None, target=None):\n"
+                "        if name == 'opentelemetry.sdk.metrics': seen.append(threading.current_thread().name)\n"
+                "sys.meta_path.insert(0, Spy())\n"
+                "t = time.perf_counter(); import connwatch.bootstrap as b\n"
+                "b.start(exporter='otlp', snapshot_interval=0, dir=sys.argv[1])\n"
+                "d = time.perf_counter() - t\n"
+                "from connwatch import exporters; exporters.wait_ready(20)\n"
+                "print(d * 1e3, 'MainThread' in seen)")
         env = {**base, "PYTHONPATH": str(PKG.parent), "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}
         main_ms = []
         sdk_on_main = False
