@@ -289,7 +289,8 @@ def register(sub: Any) -> None:
     """Add the ``top`` command to the parser's subcommands."""
     top = sub.add_parser("top", help="live view of every process writing snapshots in a folder",
                          description="A refreshing view, like top, of the processes writing snapshot files in DIR: "
-                                     "fds, live clients, top call sites, suspected leaks. q quits.")
+                                     "fds, live clients, top call sites, suspected leaks and churn. q quits; u "
+                                     "switches between the process and the upstream view.")
     top.add_argument("dir", nargs="?", help="snapshot folder (default: this environment's folder)")
     top.add_argument("-d", "--interval", type=float, default=2.0, metavar="S", help="seconds between refreshes (2)")
     top.add_argument("-n", "--iterations", type=int, metavar="N", help="stop after N refreshes")
