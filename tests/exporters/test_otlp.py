@@ -141,8 +141,8 @@ def test_sdk_is_imported_off_the_main_thread(tmp_path: Path, grpc_receiver: Grpc
     names = {n for n, _t in out["importers"]}
     assert names == {"opentelemetry.sdk.metrics", "opentelemetry.exporter.otlp.proto.grpc.metric_exporter"}, out
     assert {t for _n, t in out["importers"]} == {"connwatch-exporter"}, out
-    # The whole enable() (patches, config, snapshot writer, exporter thread start) on the main thread.
-    assert out["enable_ms"] < 50, out
+    # The whole enable() (patches, config, snapshot writer, exporter thread start) on the main thread:
+    # measured by benchmarks/run.py (start-up rows), only printed here (tests assert no wall time).
     print(f"main-thread enable() with the OTLP exporter on: {out['enable_ms']:.1f} ms")
 
 

@@ -17,15 +17,15 @@ from tests.conftest import REPO
 from .otlp_receiver import GrpcReceiver, HttpReceiver
 
 APP = """
-import os, socket, time
+import os, socket, sys
 host, port = "127.0.0.1", int(os.environ["TARGET_PORT"])
 keep = []
 def hold():
     for _ in range(4):
         keep.append(socket.create_connection((host, port)))  # the line exported
 hold()
-time.sleep(float(os.environ.get("APP_SECONDS", "1.5")))
 print("pid", os.getpid(), flush=True)
+sys.stdin.readline()  # held until the test has seen the export (no code of connwatch's here)
 """
 APP_LINE = 6
 
@@ -78,17 +78,21 @@ def test_env_vars_alone_export_over_otlp(plain_venv: Path, tmp_path: Path, tcp_s
                          OTEL_EXPORTER_OTLP_ENDPOINT=base, OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
                          OTEL_SERVICE_NAME="plain-svc", OTEL_METRIC_EXPORT_INTERVAL="200",
                          TARGET_PORT=str(tcp_server.port))
-        proc = subprocess.run([str(plain_venv), str(app)], env=env, capture_output=True, text=True, timeout=60,
-                              cwd=str(tmp_path))
-        assert proc.returncode == 0, proc.stderr
-        assert "needs the OpenTelemetry SDK" not in proc.stderr
-        pid = int(proc.stdout.split("pid", 1)[1].split()[0])
+        proc = subprocess.Popen([str(plain_venv), str(app)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+        try:
+            assert proc.stdout is not None
+            pid = int(proc.stdout.readline().split()[1])
 
-        def match(p: Any) -> bool:
-            return (p[0].get("process.pid") == pid and p[1].get("code.line.number") == APP_LINE
-                    and p[1].get("code.file.path") == str(app) and p[2] == 4)
+            def match(p: Any) -> bool:
+                return (p[0].get("process.pid") == pid and p[1].get("code.line.number") == APP_LINE
+                        and p[1].get("code.file.path") == str(app) and p[2] == 4)
 
-        pts = receiver.wait_for("connwatch.clients.live", match, timeout=15)
+            pts = receiver.wait_for("connwatch.clients.live", match, timeout=60)
+        finally:
+            _out, err = proc.communicate("\n", timeout=60)
+        assert proc.returncode == 0, err
+        assert "needs the OpenTelemetry SDK" not in err
         assert pts, f"no live=4 point over {protocol}: {receiver.points('connwatch.clients.live')[:5]}"
         assert pts[-1][0]["service.name"] == "plain-svc"
         assert pts[-1][1]["code.function.name"] == "hold"
