@@ -616,3 +616,38 @@ def _accelerate() -> bool:
 
 
 ACCELERATED = _accelerate()
+
+
+# --- on-demand reads of the live objects (retainer search; never on the hot path) -------------
+
+def live_objects(max_per_stat: int = 8, newest: bool = False,
+                 ) -> List[Tuple[str, Optional[str], CallSite, List[object]]]:
+    """Up to ``max_per_stat`` live objects of every (kind, role, site) that has live clients.
+
+    Oldest first (``newest``: newest first, e.g. the clients a guarded block just left).
+    Strong references: the caller (the retainer search) must drop the lists when done.
+    Cost grows with sites times ``max_per_stat``, never with clients.
+    """
+    global _busy
+    with _lock:
+        if _busy:
+            return []
+        _busy = True
+        try:
+            _drain()
+            out: List[Tuple[str, Optional[str], CallSite, List[object]]] = []
+            for stat in list(_stats.values()):
+                if not stat.live:
+                    continue
+                objs: List[object] = []
+                ref = stat.tail if newest else stat.head
+                while ref is not None and len(objs) < max_per_stat:
+                    obj = ref()
+                    if obj is not None and not ref.closed:
+                        objs.append(obj)
+                    ref = ref.prev if newest else ref.next
+                if objs:
+                    out.append((stat.kind, stat.role, stat.site, objs))
+            return out
+        finally:
+            _busy = False

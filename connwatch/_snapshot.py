@@ -11,8 +11,8 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from . import _fds, _leaks, _process, _registry
 from ._callsite import SLOTS, CallSite
@@ -48,6 +48,7 @@ class Statistic:
     oldest_age_s: Optional[float] = None
     upstreams: Tuple[Tuple[str, int], ...] = ()
     upstream: Optional[str] = None
+    retainers: Optional[Tuple[str, ...]] = None  # paths that hold a live client (when asked for)
     growth: Optional[_leaks.Growth] = None  # leak signal over recent samples (callsite group)
     churn: Optional[_leaks.Churn] = None  # creation rate and lifetimes (callsite group)
 
@@ -194,6 +195,9 @@ class Snapshot:
                 "upstreams": dict(s.upstreams),
                 "traceback": [{"file": f, "line": ln, "function": fn} for f, ln, fn in site.traceback],
             })
+            if s.retainers is not None:
+                paths: List[Any] = list(s.retainers)
+                callsites[-1]["retainers"] = paths
             if s.growth is not None:
                 callsites[-1].update({
                     "suspected_leak": s.growth.suspected, "growth_per_min": round(s.growth.per_min, 3),
@@ -352,6 +356,9 @@ def from_dict(data: Mapping[str, Any], source: str = "<snapshot>") -> Snapshot:
                 int(row.get("gc_released") or 0), None if age is None else float(age),
                 tuple((str(k), int(v)) for k, v in ups.items()), growth=growth, churn=churn,
             ))
+            rets = row.get("retainers")
+            if isinstance(rets, list):
+                stats[-1] = replace(stats[-1], retainers=tuple(str(r) for r in rets))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise SnapshotError(f"{source}: not a valid connwatch snapshot (bad call site row: {e!r})") from None
     known = {"schema", "pid", "host", "service", "argv", "time", "started", "final", "fds",
@@ -373,11 +380,14 @@ def from_dict(data: Mapping[str, Any], source: str = "<snapshot>") -> Snapshot:
 # --- taking a snapshot of this process -------------------------------------------------------
 
 def take(final: bool = False, records: Optional[Iterable[_registry.Record]] = None,
-         sample: bool = False) -> Snapshot:
+         sample: bool = False, retainers: Union[bool, str] = False, **retainer_limits: Any) -> Snapshot:
     """Snapshot the registry now. Cost grows with the number of call sites, not clients.
 
     ``sample`` records this snapshot in the leak tracker's window (the snapshot writer does,
     once per interval); every snapshot carries the leak signals of that window.
+    ``retainers`` (True, or ``"suspected"`` for suspected leaks only) adds, per call site with
+    live clients, paths that hold them (a bounded search, see ``_retainers``);
+    ``retainer_limits`` are its ``max_objects``/``max_ms``/``max_paths``.
     """
     now_m = time.monotonic()
     now = time.time()
@@ -401,6 +411,12 @@ def take(final: bool = False, records: Optional[Iterable[_registry.Record]] = No
     if len(fd_points) >= 2:
         extra["fd_exhaustion"] = _leaks.fd_exhaustion(
             fd_points, fds_limit, ((k, g) for k, g in growths if g is not None))
+    if retainers:
+        from . import _retainers
+
+        stats, search = _retainers.attach(stats, retainers == "suspected", **retainer_limits)
+        if search is not None:
+            extra["retainers_search"] = search
     cap = _process.cap_info()
     return Snapshot(
         stats=tuple(stats), time=now, pid=os.getpid(), host=hostname(),
