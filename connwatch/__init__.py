@@ -79,7 +79,7 @@ def enable(**overrides: object) -> bool:
     Keyword arguments override the ``CONNWATCH_*`` environment settings (``dir``,
     ``snapshot_interval``, ``exporter``, ``cap``, ``cap_per_callsite``, ``cap_per_upstream``,
     ``cap_mode``, ``disabled_patches``, ``library_paths``, ``app_paths``,
-    ``traceback_depth``, ``span_events``, ``service``). Returns whether the agent runs.
+    ``traceback_depth``, ``span_events``, ``retainers``, ``service``). Returns whether the agent runs.
     """
     from . import bootstrap
 

@@ -29,6 +29,7 @@ LIBRARY_PATHS = "CONNWATCH_LIBRARY_PATHS"
 APP_PATHS = "CONNWATCH_APP_PATHS"
 TRACEBACK_DEPTH = "CONNWATCH_TRACEBACK_DEPTH"
 SPAN_EVENTS = "CONNWATCH_SPAN_EVENTS"
+RETAINERS = "CONNWATCH_RETAINERS"
 MAX_CALLSITES = "CONNWATCH_MAX_CALLSITES"
 SERVICE = "CONNWATCH_SERVICE"
 PROMETHEUS_HOST = "CONNWATCH_PROMETHEUS_HOST"
@@ -86,6 +87,7 @@ _FIELDS: Tuple[Tuple[str, object], ...] = (
     ("app_paths", ()),
     ("traceback_depth", 16),
     ("span_events", True),
+    ("retainers", False),
     ("max_callsites", 1000),
     ("service", None),
     ("prometheus_host", "127.0.0.1"),
@@ -110,6 +112,7 @@ class Config:
     app_paths: Tuple[str, ...]
     traceback_depth: int
     span_events: bool
+    retainers: bool
     max_callsites: int
     service: Optional[str]
     prometheus_host: str
@@ -262,6 +265,7 @@ _PARSERS: dict[str, tuple[str, Callable[[object, Mapping[str, str]], Any]]] = {
         lambda raw, env: _int(TRACEBACK_DEPTH, raw, 16, 1, MAX_TRACEBACK_DEPTH),
     ),
     "span_events": (SPAN_EVENTS, lambda raw, env: _bool(SPAN_EVENTS, raw, True)),
+    "retainers": (RETAINERS, lambda raw, env: _bool(RETAINERS, raw, False)),
     "max_callsites": (MAX_CALLSITES, lambda raw, env: _int(MAX_CALLSITES, raw, 1000, 1, 1_000_000)),
     "service": (SERVICE, lambda raw, env: (str(raw).strip() or None) if raw is not None else _service_from_env(env)),
     "prometheus_host": (PROMETHEUS_HOST, lambda raw, env: (str(raw).strip() or "127.0.0.1") if raw is not None

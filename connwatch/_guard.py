@@ -16,7 +16,7 @@ import gc
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, TypeVar, Union
 
 from . import _callsite, _leaks, _snapshot
@@ -42,6 +42,8 @@ class Leak:
     count: int  # new live clients beyond what was allowed
     live: int  # live clients of the site now
     upstreams: Tuple[Tuple[str, int], ...] = ()
+    retainers: Tuple[str, ...] = ()  # paths that hold the newest of these clients
+    retainer_note: str = ""  # why there are none (no path found, the search bound)
 
     def label(self) -> str:
         """The kind with its role."""
@@ -187,7 +189,30 @@ def check(before: Snapshot, allow: Allow = 0, ignore: Iterable[str] = (),
         time.sleep(_POLL_S)
     gc.collect()
     after = _snapshot.take()
-    return find_leaks(before, after, allow, ignore), after
+    leaks = find_leaks(before, after, allow, ignore)
+    return with_retainers(leaks), after
+
+
+def with_retainers(leaks: List[Leak]) -> List[Leak]:
+    """``leaks`` with the paths that keep their newest clients alive (a bounded search)."""
+    if not leaks:
+        return leaks
+    from . import _retainers
+
+    keys = {_retainers.key_of(x.kind, x.role, x.site) for x in leaks if x.site is not None}
+    per_site = max(1, min(_retainers.MAX_TARGETS, max(x.count for x in leaks)))
+    found, info = _retainers.for_live(keys, newest=True, max_per_site=per_site)
+    out = []
+    for x in leaks:
+        paths = tuple(found.get(_retainers.key_of(x.kind, x.role, x.site), ())) if x.site is not None else ()
+        note = ""
+        if not paths:
+            note = ("no path found within the search bound "
+                    f"({info['visited']} objects, {info['elapsed_ms']:.0f} ms)" if info.get("truncated") else
+                    "no path found from module globals, class attributes or thread frames "
+                    "(held by C code, or by a frame of connwatch itself)")
+        out.append(replace(x, retainers=paths, retainer_note=note))
+    return out
 
 
 def _frames(site: CallSite) -> List[Tuple[str, int, str]]:
@@ -225,6 +250,9 @@ def format_leaks(leaks: Iterable[Leak], what: str = "the block") -> str:
         if x.site is not None and x.site.traceback:
             out.append("    traceback (most recent call last):")
             out += [f"      {f}:{ln} in {fn}" for f, ln, fn in _frames(x.site)]
+        out += [f"    held by: {path}" for path in x.retainers]
+        if x.retainer_note:
+            out.append(f"    held by: {x.retainer_note}")
     return "\n".join(out)
 
 

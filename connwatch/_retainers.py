@@ -303,6 +303,11 @@ def _skip_ids() -> Set[int]:
     """Objects never followed: module namespaces (roots already, or ours), connwatch's own
     module-level objects, and the frames running connwatch code (this search's among them)."""
     out: Set[int] = {id(sys.modules)}
+    # weakref.finalize keeps the arguments of its callbacks until their object dies (urllib3's
+    # pools hand it their connection queue): a path through it names the wrong holder.
+    fin = getattr(sys.modules.get("weakref"), "finalize", None)
+    if fin is not None:
+        out.add(id(getattr(fin, "_registry", None)))
     for name, mod in list(sys.modules.items()):
         d = getattr(mod, "__dict__", None)
         if isinstance(d, dict):
@@ -310,16 +315,21 @@ def _skip_ids() -> Set[int]:
             if _is_ours(name):
                 out.add(id(mod))
                 out.update(id(v) for v in list(d.values()) if not isinstance(v, _MODULE))
+    # Hazard: a frame object held by a local of its own frame (sys._current_frames() gives
+    # this one) is a cycle that would keep every frame below it, and what they hold, alive
+    # until the collector runs. Every frame reference is dropped before returning.
     frames = sys._current_frames()
+    top: Optional[types.FrameType] = None
+    f: Optional[types.FrameType] = None
     try:
         for top in frames.values():
-            f: Optional[types.FrameType] = top
+            f = top
             while f is not None:
                 if f.f_code.co_filename.startswith(_OURS):
                     out.add(id(f))
                 f = f.f_back
     finally:
-        del frames
+        del frames, top, f
     return out
 
 
@@ -358,10 +368,12 @@ def _roots(skip: Set[int]) -> Iterable[Tuple[str, object]]:
 def _frame_roots(skip: Set[int]) -> Iterable[Tuple[str, object]]:
     names = {t.ident: t.name for t in threading.enumerate()}
     frames = sys._current_frames()
+    frame: Optional[types.FrameType] = None
+    f: Optional[types.FrameType] = None
     try:
         for ident, frame in frames.items():
             tname = names.get(ident, f"#{ident}")
-            f: Optional[types.FrameType] = frame
+            f = frame
             while f is not None:
                 code = f.f_code
                 if not code.co_filename.startswith(_OURS):
@@ -378,7 +390,7 @@ def _frame_roots(skip: Set[int]) -> Iterable[Tuple[str, object]]:
                         yield f"thread {tname!r} frame {code.co_name}() local {name}", value
                 f = f.f_back
     finally:
-        del frames
+        del frames, frame, f  # see _skip_ids: no frame may outlive this generator in a cycle
 
 
 # --- naming the edges of a path --------------------------------------------------------------

@@ -120,7 +120,7 @@ def _make_writer(cfg: Config) -> Any:
             _log.warn_once("dir-fallback", "no usable snapshot folder; snapshot files are off")
             return None
         folder = fallback
-    return SnapshotWriter(folder, cfg.snapshot_interval)
+    return SnapshotWriter(folder, cfg.snapshot_interval, retainers=cfg.retainers)
 
 
 def stop(final_write: bool = True) -> None:

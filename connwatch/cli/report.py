@@ -10,7 +10,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from .._fanin import by_upstream
-from .._snapshot import Snapshot
+from .._snapshot import Snapshot, Statistic
 from ._load import load_all, resolve
 from ._render import (
     EXIT_NO_DATA,
@@ -96,9 +96,36 @@ def format_report(snap: Snapshot, top: int = 10, now: Optional[float] = None, pa
             out.append(style.dim(f"  {pad}  traceback (most recent call last):"))
             for f, ln, fn in reversed(site.traceback):
                 out.append(style.dim(f"  {pad}    {short(f)}:{ln} in {fn}"))
+        out.extend(retainer_lines(s, f"  {pad}  ", style))
     if len(stats) > len(shown):
         out.append(f"  ... {len(stats) - len(shown)} more call sites (use --top N)")
+    out.extend(retainer_search_lines(snap))
     return "\n".join(out)
+
+
+def retainer_lines(s: Statistic, indent: str, style: Style = PLAIN) -> List[str]:
+    """``held by:`` lines for a call site whose snapshot carries retainers."""
+    if s.retainers is None:
+        return []
+    if not s.retainers:
+        return [indent + style.dim("held by: no path found from module globals, class attributes or thread frames")]
+    return [indent + "held by: " + style.yellow(path) for path in s.retainers]
+
+
+def retainer_search_lines(snap: Snapshot) -> List[str]:
+    """One line on what the retainer search cost, when the snapshot has one."""
+    info = snap.extra.get("retainers_search") if snap.extra else None
+    if not isinstance(info, dict):
+        return []
+    try:
+        line = (f"  retainers: searched {int(info.get('visited') or 0):,} objects in "
+                f"{float(info.get('elapsed_ms') or 0.0):.0f} ms")
+        if info.get("truncated"):
+            line += (f", stopped at its bound ({info.get('limit')}: {int(info.get('max_objects') or 0):,} "
+                     f"objects, {float(info.get('max_ms') or 0.0):.0f} ms): some paths may be missing")
+    except (TypeError, ValueError):
+        return []
+    return ["", line]
 
 
 def format_fanin(upstreams: List[Dict[str, Any]], processes: int, top: int = 10, style: Style = PLAIN) -> str:

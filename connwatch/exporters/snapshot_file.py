@@ -53,9 +53,10 @@ def file_name(pid: Optional[int] = None) -> str:
 class SnapshotWriter:
     """Writes this process's snapshot file every ``interval`` seconds and at exit."""
 
-    def __init__(self, folder: str, interval: float) -> None:
+    def __init__(self, folder: str, interval: float, retainers: bool = False) -> None:
         self.folder = folder
         self.interval = interval
+        self.retainers = retainers  # CONNWATCH_RETAINERS: retainers of suspected leaks in each file
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._pid = os.getpid()
@@ -106,7 +107,9 @@ class SnapshotWriter:
             with _forksafe.import_guard():
                 from .. import _snapshot
 
-            snap = _snapshot.take(final=final, sample=True)  # one leak-window sample per write
+            # One leak-window sample per write; with CONNWATCH_RETAINERS, the retainers of the
+            # sites that are suspected leaks (a bounded search, on this thread).
+            snap = _snapshot.take(final=final, sample=True, retainers="suspected" if self.retainers else False)
             path = self.path
             data = snap.dumps().encode("utf-8")
             # Checked at every write (a few syscalls): a folder removed while we run (a tmp
