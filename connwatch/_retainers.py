@@ -40,6 +40,7 @@ import threading
 import time
 import types
 from collections import deque
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from . import _log, _registry
@@ -56,6 +57,8 @@ _KEY_CHARS = 40
 
 Key = Tuple[str, Optional[str], int]  # (kind, role, id(site)), as the registry keys its stats
 Group = Tuple[str, Optional[str], Any, Sequence[object]]  # (kind, role, site, live objects)
+# Where a root was found: ("module", name, its namespace) or ("frame", thread, function, [(local, value)])
+Origin = Tuple[Any, ...]
 
 _OURS = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _CO_OPTIMIZED = 0x0001
@@ -67,7 +70,6 @@ _GENERATORS = (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorTyp
 _FUNCTION = types.FunctionType
 _MODULE = types.ModuleType
 _FRAME = types.FrameType
-_CHECK_EVERY = 256  # roots between two looks at the clock
 _CHUNK = 2048  # objects expanded per gc.get_referents call (and between two looks at the clock)
 _EXTRA_LEVELS = 2  # once every target is found, this many more levels for second paths
 _is_tracked = gc.is_tracked
@@ -166,9 +168,9 @@ def _run(groups: Iterable[Group], max_objects: int, max_ms: float, max_paths: in
     # The objects first reached at each depth (0: the roots). Holding them keeps every id we
     # saw unique until we return (an object freed meanwhile could not lend its id to another).
     levels: List[List[object]] = []
-    root_label: Dict[int, str] = {}
+    root_origin: Dict[int, Origin] = {}  # id of a root -> where it was found (its label, made if needed)
     seen: Set[int] = _skip_ids()
-    seen.update(map(id, (keep, levels, root_label, want, targets, remaining, paths, signatures, info, groups)))
+    seen.update(map(id, (keep, levels, root_origin, want, targets, remaining, paths, signatures, info, groups)))
     base = len(seen)
     extra = [_EXTRA_LEVELS]  # levels searched for second paths once every target is found
     extra_cap = [max_objects]  # and the objects reached, at most, by then
@@ -200,35 +202,34 @@ def _run(groups: Iterable[Group], max_objects: int, max_ms: float, max_paths: in
         if holder is None:
             return  # the heap changed under us (another thread): no path for this one
         chain.reverse()
-        add_path(key, _render(root_label.get(id(chain[0]), "?"), chain))
+        origin = root_origin.get(id(chain[0]))
+        add_path(key, _render(_root_label(origin, chain[0]) if origin is not None else "?", chain))
 
     def stop(limit: str) -> None:
         info["truncated"], info["limit"] = True, limit
 
-    # Depth 0: every root at once (breadth-first from all of them: each path is a shortest one).
+    # Depth 0: every root at once (breadth-first from all of them: each path is a shortest one),
+    # a module namespace or a frame's locals at a time, in C like the levels below.
     level: List[object] = []
-    n = 0
-    for label, obj in _roots(seen):
-        n += 1
-        if n % _CHECK_EVERY == 0 and time.perf_counter() >= deadline:
-            stop("time")
-            break
-        i = id(obj)
-        if i in seen:
-            if i in targets and i in root_label:
-                add_path(want[i], label)  # a second root holds a target itself
-            continue
-        if not _is_tracked(obj) and i not in targets:
-            continue  # strings, numbers and containers of them hold no client
-        seen.add(i)
-        root_label[i] = label
-        level.append(obj)
-        if i in targets:
-            remaining.discard(i)
-            info["found"] += 1
-            add_path(want[i], label)
+    for origin, values in _roots(seen):
+        tracked = list(filter(_is_tracked, values))
+        byid = dict(zip(map(id, tracked), tracked))
+        new = _within(set(byid).difference(seen), max_objects - (len(seen) - base))
+        if new:
+            seen.update(new)
+            level.extend(map(byid.__getitem__, new))
+            root_origin.update(dict.fromkeys(new, origin))
+        for i in ([t for t in targets if t in byid] if len(targets) < len(byid) else targets.intersection(byid)):
+            if i in remaining:
+                remaining.discard(i)
+                info["found"] += 1
+            add_path(want[i], _root_label(origin, byid[i]))  # (a second root holding it: a second path)
+        del tracked, byid
         if len(seen) - base >= max_objects:
             stop("objects")
+            break
+        if time.perf_counter() >= deadline:
+            stop("time")
             break
     levels.append(level)
 
@@ -254,7 +255,7 @@ def _run(groups: Iterable[Group], max_objects: int, max_ms: float, max_paths: in
             byid = dict(zip(map(id, tracked), tracked))
             hits = [t for t in targets if t in byid] if len(targets) < len(byid) else targets.intersection(byid)
             # (set.difference walks the smaller side here; ``keys() - seen`` would walk ``seen``.)
-            new = set(byid).difference(seen)
+            new = _within(set(byid).difference(seen), max_objects - (len(seen) - base))
             if new:
                 objs = list(map(byid.__getitem__, new))
                 seen.update(new)
@@ -280,6 +281,13 @@ def _run(groups: Iterable[Group], max_objects: int, max_ms: float, max_paths: in
     # Drop everything reached now, not when this frame goes.
     levels.clear()
     keep.clear()
+
+
+def _within(new: Set[int], room: int) -> Set[int]:
+    """``new``, cut to ``room`` ids (the objects bound is exact)."""
+    if len(new) <= room:
+        return new
+    return set(islice(new, max(0, room)))
 
 
 def _want_more(paths: Dict[Key, List[str]], max_paths: int) -> bool:
@@ -337,35 +345,23 @@ def _is_ours(modname: str) -> bool:
     return modname == "connwatch" or modname.startswith("connwatch.")
 
 
-def _roots(skip: Set[int]) -> Iterable[Tuple[str, object]]:
-    """(label, object) for every root: module globals, class attributes, thread frame locals."""
-    classes: List[Tuple[str, type]] = []
+def _roots(skip: Set[int]) -> Iterable[Tuple[Origin, Sequence[object]]]:
+    """(origin, objects) for every namespace of roots: each module's globals (a class among
+    them leads to its attributes, shown as ``pkg.mod.Class.attr``), then each running frame's
+    locals, thread by thread."""
     for modname, mod in list(sys.modules.items()):
         if not isinstance(mod, _MODULE) or _is_ours(modname):
             continue
         try:
             d = object.__getattribute__(mod, "__dict__")
-            items = list(d.items())
+            values = list(d.values())
         except Exception:
             continue
-        for name, value in items:
-            if not isinstance(name, str) or (name.startswith("__") and name.endswith("__")):
-                continue
-            yield f"{modname}.{name}", value
-            if isinstance(value, type) and getattr(value, "__module__", None) == modname:
-                classes.append((f"{modname}.{getattr(value, '__qualname__', name)}", value))
-    for label, cls in classes:
-        try:
-            attrs = list(cls.__dict__.items())
-        except Exception:
-            continue
-        for name, value in attrs:
-            if isinstance(name, str) and not (name.startswith("__") and name.endswith("__")):
-                yield f"{label}.{name}", value
+        yield ("module", modname, d), values
     yield from _frame_roots(skip)
 
 
-def _frame_roots(skip: Set[int]) -> Iterable[Tuple[str, object]]:
+def _frame_roots(skip: Set[int]) -> Iterable[Tuple[Origin, Sequence[object]]]:
     names = {t.ident: t.name for t in threading.enumerate()}
     frames = sys._current_frames()
     frame: Optional[types.FrameType] = None
@@ -386,11 +382,27 @@ def _frame_roots(skip: Set[int]) -> Iterable[Tuple[str, object]]:
                             local = list(f.f_locals.items())  # a class body, an exec namespace
                     except Exception:
                         local = []
-                    for name, value in local:
-                        yield f"thread {tname!r} frame {code.co_name}() local {name}", value
+                    if local:
+                        yield ("frame", tname, code.co_name, local), [v for _k, v in local]
                 f = f.f_back
     finally:
         del frames, frame, f  # see _skip_ids: no frame may outlive this generator in a cycle
+
+
+def _root_label(origin: Origin, obj: object) -> str:
+    """``pkg.mod.NAME`` or ``thread 'name' frame func() local x`` for a root object."""
+    try:
+        if origin[0] == "module":
+            _kind, modname, d = origin
+            for k, v in list(d.items()):
+                if v is obj and isinstance(k, str):
+                    return f"{modname}.{k}"
+            return f"{modname}.?"
+        _kind, tname, func, local = origin
+        name = next((k for k, v in local if v is obj), "?")
+        return f"thread {tname!r} frame {func}() local {name}"
+    except Exception:
+        return "?"
 
 
 # --- naming the edges of a path --------------------------------------------------------------
@@ -404,6 +416,11 @@ def _render(root: str, chain: Sequence[object]) -> str:
     """
     parts: List[str] = []
     i, n = 0, len(chain)
+    if n >= 3 and isinstance(chain[0], type) and chain[1] is _class_dict(chain[0]):
+        step = _in_dict(chain[1], chain[2], attr=True)
+        if step.startswith("."):
+            root += step  # a class attribute: pkg.mod.Class.attr
+            i = 2
     while i < n - 1:
         p, c = chain[i], chain[i + 1]
         nxt = chain[i + 2] if i + 2 < n else None
@@ -429,9 +446,20 @@ def _render(root: str, chain: Sequence[object]) -> str:
                     i += 2
                     continue
             if nxt is not None and isinstance(p, _GENERATORS) and type(c) is _FRAME:
-                parts.append(f"({name}) {_local(c, nxt)}")  # 3.10 and older: through the frame
-                i += 2
+                # 3.10 and older: through the frame (and its cached locals, once read)
+                if i + 3 < n and type(nxt) is dict and nxt is c.f_locals:
+                    parts.append(f"({name}) {_local(c, chain[i + 3])}")
+                    i += 3
+                else:
+                    parts.append(f"({name}) {_local(c, nxt)}")
+                    i += 2
                 continue
+            if nxt is not None and type(c) is dict and (type(p) is _FRAME or isinstance(p, _GENERATORS)):
+                fr = p if type(p) is _FRAME else _gen_frame(p)
+                if fr is not None and c is fr.f_locals:  # 3.12 and older: the frame's cached locals
+                    parts.append(f"({name}) {_local(fr, nxt)}")
+                    i += 2
+                    continue
         except Exception:
             pass
         parts.append(f"({name}) {_step(p, c)}")
@@ -538,7 +566,7 @@ def _step(p: object, c: object) -> str:
                 return ".f_back"
             return _local(fr, c)
         if isinstance(p, _GENERATORS):
-            fr = getattr(p, "gi_frame", None) or getattr(p, "cr_frame", None) or getattr(p, "ag_frame", None)
+            fr = _gen_frame(p)
             if fr is not None:
                 return _local(fr, c)
         if t is types.CellType:
@@ -556,6 +584,10 @@ def _step(p: object, c: object) -> str:
     except Exception:
         pass
     return "referent"
+
+
+def _gen_frame(gen: object) -> Any:
+    return getattr(gen, "gi_frame", None) or getattr(gen, "cr_frame", None) or getattr(gen, "ag_frame", None)
 
 
 def _local(frame: Any, c: object) -> str:

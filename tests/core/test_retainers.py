@@ -158,6 +158,45 @@ def test_requests_session_to_a_real_server(agent: Any, http_server: Server, clea
     assert path.endswith("(HTTPConnection) .sock"), path
 
 
+class Client:
+    __slots__ = ("conn",)
+
+
+class Service:
+    def __init__(self, conn: socket.socket) -> None:
+        self.client = Client()
+        self.client.conn = conn
+
+
+def stream(tcp_server: Server) -> Any:
+    conn = socket.create_connection(tcp_server.address, timeout=5)
+    yield 1
+    conn.close()
+
+
+def make_service(tcp_server: Server) -> None:
+    SESSIONS["svc"] = Service(socket.create_connection(tcp_server.address, timeout=5))
+
+
+def start_stream(tcp_server: Server) -> None:
+    SESSIONS["gen"] = gen = stream(tcp_server)
+    next(gen)
+
+
+def test_attributes_slots_and_a_suspended_generator(agent: Any, tcp_server: Server) -> None:
+    make_service(tcp_server)
+    start_stream(tcp_server)
+    try:
+        snap = agent.snapshot(retainers=True)
+        assert stat_of(snap, "make_service").retainers == (
+            f"{__name__}.SESSIONS (dict) ['svc'] -> (Service) .client -> (Client) .conn",)
+        assert stat_of(snap, "stream").retainers == (
+            f"{__name__}.SESSIONS (dict) ['gen'] -> (generator stream) local conn",)
+    finally:
+        SESSIONS.pop("svc").client.conn.close()
+        SESSIONS.pop("gen").close()
+
+
 def test_two_holders_two_paths(agent: Any, tcp_server: Server, clean: Any) -> None:
     park_in_list("a", tcp_server)
     Pool.conns.append(CLIENTS["a"][3])
