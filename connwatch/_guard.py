@@ -210,7 +210,7 @@ def with_retainers(leaks: List[Leak]) -> List[Leak]:
             note = ("no path found within the search bound "
                     f"({info['visited']} objects, {info['elapsed_ms']:.0f} ms)" if info.get("truncated") else
                     "no path found from module globals, class attributes or thread frames "
-                    "(held by C code, or by a frame of connwatch itself)")
+                    "(held only by C code, or by what the search skips: connwatch itself, weakref.finalize)")
         out.append(replace(x, retainers=paths, retainer_note=note))
     return out
 

@@ -71,7 +71,8 @@ _FUNCTION = types.FunctionType
 _MODULE = types.ModuleType
 _FRAME = types.FrameType
 _CHUNK = 2048  # objects expanded per gc.get_referents call (and between two looks at the clock)
-_EXTRA_LEVELS = 2  # once every target is found, this many more levels for second paths
+_EXTRA_LEVELS = 1  # once every target is found, this many more levels for second paths
+_EXTRA_OBJECTS = 10_000  # ... and at least this many more objects
 _is_tracked = gc.is_tracked
 
 
@@ -172,8 +173,21 @@ def _run(groups: Iterable[Group], max_objects: int, max_ms: float, max_paths: in
     seen: Set[int] = _skip_ids()
     seen.update(map(id, (keep, levels, root_origin, want, targets, remaining, paths, signatures, info, groups)))
     base = len(seen)
-    extra = [_EXTRA_LEVELS]  # levels searched for second paths once every target is found
-    extra_cap = [max_objects]  # and the objects reached, at most, by then
+    # Once every target is found, a little more for second paths (a client in a global list
+    # and in a frame local): the rest of that level and _EXTRA_LEVELS more, and at most half as
+    # much work again as it took (at least _EXTRA_OBJECTS objects).
+    done_at: List[Any] = [None, max_objects]  # [the depth where the last target was found, objects cap]
+
+    def all_found(depth: int) -> None:
+        if done_at[0] is None and not remaining:
+            n = len(seen) - base
+            done_at[0], done_at[1] = depth, min(max_objects, n + max(n // 2, _EXTRA_OBJECTS))
+
+    def more(depth: int) -> bool:
+        if remaining:
+            return True
+        return (done_at[0] is not None and depth <= done_at[0] + _EXTRA_LEVELS
+                and len(seen) - base < done_at[1] and _want_more(paths, max_paths))
 
     def add_path(key: Key, text: str) -> None:
         sigs = signatures.setdefault(key, set())
@@ -232,17 +246,10 @@ def _run(groups: Iterable[Group], max_objects: int, max_ms: float, max_paths: in
             stop("time")
             break
     levels.append(level)
+    all_found(-1)
 
     depth = 0
-    while level and not info["truncated"] and (remaining or _want_more(paths, max_paths)):
-        if not remaining:
-            # Every target found: a little more for second paths (a client in a global list
-            # and in a frame local), at most _EXTRA_LEVELS levels and as much work again.
-            if extra[0] <= 0 or len(seen) - base >= extra_cap[0]:
-                break
-            if extra[0] == _EXTRA_LEVELS:
-                extra_cap[0] = 2 * (len(seen) - base) + 10_000
-            extra[0] -= 1
+    while level and not info["truncated"] and more(depth):
         nxt: List[object] = []
         for c0 in range(0, len(level), _CHUNK):
             chunk = level[c0:c0 + _CHUNK]
@@ -265,6 +272,7 @@ def _run(groups: Iterable[Group], max_objects: int, max_ms: float, max_paths: in
                     record(i, depth, chunk, True)
                 elif len(paths[want[i]]) < max_paths:
                     record(i, depth, chunk, False)  # a second holder of a target found before
+            all_found(depth)
             del tracked, byid
             if len(seen) - base >= max_objects:
                 stop("objects")
@@ -272,7 +280,7 @@ def _run(groups: Iterable[Group], max_objects: int, max_ms: float, max_paths: in
             if time.perf_counter() >= deadline:
                 stop("time")
                 break
-            if not remaining and len(seen) - base >= extra_cap[0]:
+            if not more(depth):
                 break
         levels.append(nxt)
         level = nxt

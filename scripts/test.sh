@@ -78,4 +78,5 @@ fi
 # The benchmark is not a test: a quick run only shows it still runs (timings are not checked).
 if [ "$#" -eq 0 ]; then
   echo "== benchmark (quick)"; .venv/bin/python benchmarks/run.py --quick > /dev/null
+  .venv/bin/python benchmarks/retainers.py --quick > /dev/null
 fi
