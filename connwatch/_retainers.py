@@ -39,9 +39,9 @@ import sys
 import threading
 import time
 import types
-from collections import deque
+from collections import OrderedDict, defaultdict, deque
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 from . import _log, _registry
 
@@ -74,6 +74,8 @@ _CHUNK = 2048  # objects expanded per gc.get_referents call (and between two loo
 _EXTRA_LEVELS = 1  # once every target is found, this many more levels for second paths
 _EXTRA_OBJECTS = 10_000  # ... and at least this many more objects
 _is_tracked = gc.is_tracked
+_BIG = 8192  # a container with more members than this is expanded a slice at a time
+_CONTAINERS = frozenset({dict, list, tuple, set, frozenset, deque, OrderedDict, defaultdict})
 
 
 def key_of(kind: str, role: Optional[str], site: Any) -> Key:
@@ -251,12 +253,10 @@ def _run(groups: Iterable[Group], max_objects: int, max_ms: float, max_paths: in
     depth = 0
     while level and not info["truncated"] and more(depth):
         nxt: List[object] = []
-        for c0 in range(0, len(level), _CHUNK):
-            chunk = level[c0:c0 + _CHUNK]
-            # All of it in C (one call each, no Python code per object): what the collector
-            # follows from the chunk; those that can hold something (tracked: not strings,
-            # numbers, or containers of them); those not reached before.
-            refs = gc.get_referents(*chunk)
+        # All of it in C (a few calls per batch, no Python code per object): what the collector
+        # follows from a batch of objects; those that can hold something (tracked: not strings,
+        # numbers, or containers of them); those not reached before.
+        for chunk, refs in _batches(level):
             tracked = list(filter(_is_tracked, refs))  # (clients are instances: always tracked)
             del refs
             byid = dict(zip(map(id, tracked), tracked))
@@ -302,12 +302,61 @@ def _want_more(paths: Dict[Key, List[str]], max_paths: int) -> bool:
     return any(len(v) < max_paths for v in paths.values())
 
 
+def _bigs(objs: List[object]) -> List[Any]:
+    """The big containers among ``objs`` (a C-level look at their types first)."""
+    if _CONTAINERS.isdisjoint(map(type, objs)):
+        return []
+    containers = _CONTAINERS
+    return [o for o in objs if type(o) in containers and len(o) > _BIG]  # type: ignore[arg-type]
+
+
+def _batches(level: List[object]) -> Iterator[Tuple[List[object], List[object]]]:
+    """(holders, what they refer to) for a level, a chunk at a time; a big container on its
+    own, a slice of its members at a time (a million-entry dict would otherwise be one list of
+    two million references, made in one call the clock cannot interrupt)."""
+    for c0 in range(0, len(level), _CHUNK):
+        chunk = level[c0:c0 + _CHUNK]
+        big = _bigs(chunk)
+        if big:
+            ids = set(map(id, big))
+            chunk = [o for o in chunk if id(o) not in ids]
+        if chunk:
+            yield chunk, gc.get_referents(*chunk)
+        for o in big:
+            for part in _members(o):
+                yield [o], part
+
+
+def _members(o: Any) -> Iterator[List[object]]:
+    """A big container's members (a dict's values, then its keys), a slice at a time."""
+    for source in ((o.values(), o.keys()) if isinstance(o, dict) else (o,)):
+        it = iter(source)
+        while True:
+            try:
+                part = list(islice(it, _BIG))
+            except RuntimeError:  # changed size while we read it (another thread): what we have
+                return
+            if not part:
+                break
+            yield part
+
+
 def _holder(objs: Sequence[object], i: int) -> Optional[object]:
     """The first object of ``objs`` that refers to the object with id ``i``: a C-level pass
-    over slices of ``objs``, then one slice object by object."""
+    over slices of ``objs``, then one slice object by object (big containers member by member,
+    in C too)."""
+    if len(objs) == 1:
+        return objs[0]  # a big container's own batch
     referents = gc.get_referents
     for k in range(0, len(objs), 512):
-        part = objs[k:k + 512]
+        part = list(objs[k:k + 512])
+        big = _bigs(part)
+        for o in big:
+            if any(i in map(id, m) for m in _members(o)):
+                return o
+        if big:
+            ids = set(map(id, big))
+            part = [o for o in part if id(o) not in ids]
         if i in map(id, referents(*part)):
             for o in part:
                 if i in map(id, referents(o)):
