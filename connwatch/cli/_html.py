@@ -139,7 +139,7 @@ def _process(hist: History, t0: float, intern: _Interner) -> Dict[str, Any]:
         if st.growth is not None:
             row["lk"] = 1 if st.growth.suspected else 0
             row["gpm"] = round(st.growth.per_min, 2)
-        churn = getattr(st, "churn", None)  # present once the churn signal is in the snapshot
+        churn = st.churn
         if churn is not None:
             row["ch"] = {"s": 1 if churn.suspected else 0, "cpm": round(churn.created_per_min, 2),
                          "life": None if churn.median_lifetime_s is None else round(churn.median_lifetime_s, 3)}

@@ -41,6 +41,7 @@
   function dur(s) {
     if (s === null || s === undefined) return "-";
     s = Math.abs(s);
+    if (s < 1) return s < 0.001 ? "<1 ms" : (1000 * s).toFixed(0) + " ms";
     if (s < 60) return (s < 10 ? s.toFixed(1) : s.toFixed(0)) + " s";
     if (s < 3600) return (s / 60).toFixed(1) + " min";
     if (s < 86400) return (s / 3600).toFixed(1) + " h";

@@ -88,11 +88,12 @@ class Page:
         self.context.close()
 
 
-def _leak_folder(apps: Any, tcp_server: Any) -> Tuple[Path, Any, Any]:
+def _leak_folder(apps: Any, tcp_server: Any) -> Tuple[Path, Any, Any, Any]:
     """A folder written by real agents: a leaking process (with copies of its snapshot file taken
-    over time: a history) and a pool that plateaus."""
+    over time: a history), a pool that plateaus and a process that builds a client per call."""
     leak = apps("leak", tcp_server.port)
     pool = apps("pool", tcp_server.port, "5")
+    churn = apps("churn", tcp_server.port)
     folder = leak.path.parent
     # Three copies a window apart (as a cron job would keep them): the history gives the chart more
     # than one window of samples.
@@ -102,29 +103,33 @@ def _leak_folder(apps: Any, tcp_server: Any) -> Tuple[Path, Any, Any]:
         shutil.copy(leak.path, folder / f"{leak.path.stem}-{i}.json")
     leak.wait_for(lambda d: bool(site_row(d, "connect_leaky").get("suspected_leak")))
     pool.wait_for(lambda d: site_row(d, "connect_pooled")["live"] == 5)
-    assert leak.finish() == 0 and pool.finish() == 0  # final snapshots: the folder no longer changes
-    return folder, leak, pool
+    churn.wait_for(lambda d: bool(site_row(d, "connect_churn").get("suspected_churn")))
+    for app in (leak, pool, churn):
+        assert app.finish() == 0  # final snapshots: the folder no longer changes
+    return folder, leak, pool, churn
 
 
 def test_report_html_of_a_leak_scenario_in_chromium(apps: Any, tcp_server: Any, tmp_path: Path,
                                                     browser: Any) -> None:
-    folder, leak, pool = _leak_folder(apps, tcp_server)
+    folder, leak, pool, churn = _leak_folder(apps, tcp_server)
     out = tmp_path / "report.html"
     proc = connwatch_cli("report", str(folder), "--html", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert re.match(r"wrote .*report\.html: 2 processes, 2 call sites, 5 snapshot files", proc.stdout), proc.stdout
+    assert re.match(r"wrote .*report\.html: 3 processes, 3 call sites, 6 snapshot files", proc.stdout), proc.stdout
     html = out.read_text(encoding="utf-8")
     assert "Content-Security-Policy" in html and "default-src 'none'" in html
     assert not re.search(r"<(script|link|img)[^>]+(src|href)=", html), "the page loads nothing"
 
-    leak_data, pool_data = (json.loads(a.path.read_text()) for a in (leak, pool))
-    for data in (leak_data, pool_data):
+    leak_data, pool_data, churn_data = (json.loads(a.path.read_text()) for a in (leak, pool, churn))
+    for data in (leak_data, pool_data, churn_data):
         validate(data)
     leaky = site_row(leak_data, "connect_leaky")
     assert leaky["suspected_leak"] is True and len(leaky["samples"]) == _leaks.WINDOW
     assert leaky["traceback"][0]["function"] == "connect_leaky"  # innermost first in the file
     pooled = site_row(pool_data, "connect_pooled")
-    total = leak_data["totals"]["live"] + pool_data["totals"]["live"]
+    churning = site_row(churn_data, "connect_churn")
+    assert churning["suspected_churn"] is True
+    total = sum(d["totals"]["live"] for d in (leak_data, pool_data, churn_data))
     assert leaky["live"] > 2 * pooled["live"] > 0
 
     page = Page(browser, out)
@@ -133,7 +138,7 @@ def test_report_html_of_a_leak_scenario_in_chromium(apps: Any, tcp_server: Any, 
         assert page.errors == []
         assert page.requests == [page.url], "the page fetched something besides itself"
         # The folder has two processes: a picker, and the totals across them.
-        assert p.locator("#cw-proc option").count() == 3
+        assert p.locator("#cw-proc option").count() == 4
         foot = p.locator("#cw-proctable tfoot td").all_inner_texts()
         assert foot[0] == "total" and foot[6] == f"{total:,}"
         # The flame graph holds the leaking line's frame, as wide as its share of the live clients.
@@ -183,8 +188,12 @@ def test_report_html_of_a_leak_scenario_in_chromium(apps: Any, tcp_server: Any, 
         assert "leak" in (block.get_attribute("class") or "").split()
         assert "suspected leak" in block.inner_text()
         assert int(block.locator("svg.chart").get_attribute("data-points") or 0) > _leaks.WINDOW + 2
-        # The leaking site comes first (what to fix first).
+        # The leaking site comes first (what to fix first), then the churning one, marked as such.
         assert p.locator(".site").first.get_attribute("data-func") == "connect_leaky"
+        block = p.locator(".site").nth(1)
+        assert block.get_attribute("data-func") == "connect_churn"
+        assert "churn" in (block.get_attribute("class") or "").split() and "churn" in block.inner_text()
+        assert foot[10] == "1"  # one churning call site in the folder
 
         # Pick one process: its own summary and graph.
         option = p.locator("#cw-proc option", has_text=re.compile(rf"^pid {pool.pid}\b"))
