@@ -165,9 +165,12 @@ def _write_html(out: str, good: List[Tuple[str, Snapshot]], target: Optional[str
     except OSError as e:
         err(f"report: cannot write {out}: {e.strerror or e}")
         return EXIT_NO_DATA
+    def n(count: int, word: str, plural: str = "s") -> str:
+        return f"{count} {word}{plural if count != 1 else ''}"
+
     sites = sum(len(h[-1][1].stats) for h in hists)
-    print(f"wrote {out}: {len(hists)} process{'es' if len(hists) != 1 else ''}, {sites} call sites, "
-          f"{len(good)} snapshot file{'s' if len(good) != 1 else ''}, {len(page.encode('utf-8')):,} bytes")
+    print(f"wrote {out}: {n(len(hists), 'process', 'es')}, {n(sites, 'call site')}, "
+          f"{n(len(good), 'snapshot file')}, {len(page.encode('utf-8')):,} bytes")
     return EXIT_OK
 
 

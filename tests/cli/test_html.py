@@ -280,3 +280,18 @@ def test_histories_and_page_data() -> None:
     assert names == ["main", "f"] and row["tb"][-1] == row["f"]
     # Samples of both files, each reading once: (8,3) (9,4) (10,5) (18,7) (19,8) (20,9), from t0 = 10.
     assert row["s"] == [-2.0, 3, -1.0, 4, 0.0, 5, 8.0, 7, 9.0, 8, 10.0, 9]
+
+
+def test_report_html_errors(tmp_path: Path) -> None:
+    """An output that cannot be written, or a folder with nothing to show: a message and exit code 2."""
+    site = CallSite("/app/a.py", 5, "f", False, (("/app/a.py", 5, "f"),))
+    Snapshot((Statistic("socket", "client", site, 1, 1, 0),), 10.0, 7, "h").dump(str(tmp_path / "h-7.json"))
+    proc = connwatch_cli("report", str(tmp_path), "--html", str(tmp_path / "missing" / "out.html"))
+    assert proc.returncode == 2 and "cannot write" in proc.stderr and not (tmp_path / "missing").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = connwatch_cli("report", str(empty), "--html", str(tmp_path / "out.html"))
+    assert proc.returncode == 2 and "no snapshot files" in proc.stderr and not (tmp_path / "out.html").exists()
+    proc = connwatch_cli("report", str(tmp_path / "h-7.json"), "--html", str(tmp_path / "one.html"))
+    assert proc.returncode == 0 and "1 process, 1 call site, 1 snapshot file," in proc.stdout
+    assert "<title>connwatch report: pid 7</title>" in (tmp_path / "one.html").read_text(encoding="utf-8")
