@@ -124,7 +124,13 @@ def test_report_html_of_a_leak_scenario_in_chromium(apps: Any, tcp_server: Any, 
     for data in (leak_data, pool_data, churn_data):
         validate(data)
     leaky = site_row(leak_data, "connect_leaky")
+    # The snapshot carries its window: [time, live] per call site, [time, open fds] for the process,
+    # the newest being the snapshot's own reading.
     assert leaky["suspected_leak"] is True and len(leaky["samples"]) == _leaks.WINDOW
+    assert [round(t, 1) for t, _ in leaky["samples"]] == sorted(round(t, 1) for t, _ in leaky["samples"])
+    assert abs(leaky["samples"][-1][0] - leak_data["time"]) < 0.01 and leaky["samples"][-1][1] == leaky["live"]
+    assert leaky["samples"][0][1] < leaky["live"]
+    assert len(leak_data["fd_samples"]) == _leaks.WINDOW and leak_data["fd_samples"][-1][1] == leak_data["fds"]["open"]
     assert leaky["traceback"][0]["function"] == "connect_leaky"  # innermost first in the file
     pooled = site_row(pool_data, "connect_pooled")
     churning = site_row(churn_data, "connect_churn")
