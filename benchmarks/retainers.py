@@ -167,8 +167,8 @@ def main() -> int:
         if "visited" not in r:
             print(f"  {name:<16} {r['wall_ms']:>8} {r['cpu_ms']:>8} {r['peak_mib']:>9} {'-':>9}")
             continue
-        what = (f"stopped at its bound ({r['limit']})" if r["truncated"] else
-                r["paths"][0] if r["paths"] else "no path (as expected)" if name in ("hidden", "bound") else "not found")
+        none = "no path (as expected)" if name in ("hidden", "bound") else "not found"
+        what = f"stopped at its bound ({r['limit']})" if r["truncated"] else r["paths"][0] if r["paths"] else none
         heap_note = f" (heap {big:,})" if name == "bound" else ""
         print(f"  {name:<16} {r['wall_ms']:>8} {r['cpu_ms']:>8} {r['peak_mib']:>9} {r['visited']:>9,}  "
               f"{what}{heap_note}")

@@ -631,11 +631,14 @@ def main() -> None:
     sc = scale(3 if args.quick else 15)
     st = startup(5 if args.quick else 41)
     cli = cli_scale(args.quick)
+    import html_report  # benchmarks/html_report.py: the HTML report at 1,000 call sites
+
+    html = html_report.html_scale(args.quick)
     if args.json:
         print(json.dumps({"machine": machine(), "overhead": over, "toggled": tog, "instructions": instr,
-                          "memory": mem, "scale": sc, "startup": st, "cli": cli}, indent=1))
+                          "memory": mem, "scale": sc, "startup": st, "cli": cli, "html": html}, indent=1))
     else:
-        print(markdown(over, tog, instr, mem, sc, st, cli))
+        print(markdown(over, tog, instr, mem, sc, st, cli) + "\n\n" + "\n".join(html_report.markdown(html)))
 
 
 if __name__ == "__main__":

@@ -234,17 +234,20 @@ class Tracker:
             if fds_open is not None:
                 self._fds.append((now, fds_open))
 
-    def growth(self, key: Key, current: Optional[Point] = None) -> Optional[Growth]:
-        """The growth of one call site over its window (plus ``current``, if newer); None if unseen."""
+    def points(self, key: Key, current: Optional[Point] = None) -> List[Point]:
+        """The (time, live) samples of one call site's window (plus ``current``, if newer)."""
         with self._lock:
             ring = self._sites.get(key)
             points = list(ring) if ring is not None else []
         if current is not None and (not points or current[0] > points[-1][0]):
             points.append(current)
             points = points[-self.window:]
-        if not points:
-            return None
-        return assess(points)
+        return points
+
+    def growth(self, key: Key, current: Optional[Point] = None) -> Optional[Growth]:
+        """The growth of one call site over its window (plus ``current``, if newer); None if unseen."""
+        points = self.points(key, current)
+        return assess(points) if points else None
 
     def created_points(self, key: Key, current: Point) -> List[Point]:
         """The (time, created) samples of one call site's window, plus ``current`` if newer."""

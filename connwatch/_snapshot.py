@@ -51,6 +51,7 @@ class Statistic:
     retainers: Optional[Tuple[str, ...]] = None  # paths that hold a live client (when asked for)
     growth: Optional[_leaks.Growth] = None  # leak signal over recent samples (callsite group)
     churn: Optional[_leaks.Churn] = None  # creation rate and lifetimes (callsite group)
+    samples: Tuple[Tuple[float, int], ...] = ()  # the window's (wall time, live) samples (callsite group)
 
     def label(self) -> str:
         """The kind with its role, e.g. ``socket/client`` or ``requests.Session``."""
@@ -182,7 +183,7 @@ class Snapshot:
     # -- JSON -----------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         """The contract's JSON object (``connwatch.snapshot/1``)."""
-        callsites = []
+        callsites: List[Dict[str, Any]] = []
         for s in self.statistics("callsite"):
             site = s.site or CallSite("?", 0, "?")
             callsites.append({
@@ -206,6 +207,8 @@ class Snapshot:
             if s.churn is not None:
                 callsites[-1]["suspected_churn"] = s.churn.suspected
                 callsites[-1]["churn"] = s.churn.to_dict()
+            if s.samples:
+                callsites[-1]["samples"] = [[t, v] for t, v in s.samples]
         data: Dict[str, Any] = {
             "schema": SCHEMA, "pid": self.pid, "host": self.host, "service": self.service,
             "argv": list(self.argv), "time": self.time, "started": self.started,
@@ -351,10 +354,11 @@ def from_dict(data: Mapping[str, Any], source: str = "<snapshot>") -> Snapshot:
             churn = None
             if isinstance(row.get("churn"), dict):
                 churn = _leaks.Churn.from_dict(row["churn"], bool(row.get("suspected_churn", False)))
+            samples = tuple((float(t), int(v)) for t, v in row.get("samples") or ())
             stats.append(Statistic(
                 str(row["kind"]), row.get("role"), site, live, created, closed,
                 int(row.get("gc_released") or 0), None if age is None else float(age),
-                tuple((str(k), int(v)) for k, v in ups.items()), growth=growth, churn=churn,
+                tuple((str(k), int(v)) for k, v in ups.items()), growth=growth, churn=churn, samples=samples,
             ))
             rets = row.get("retainers")
             if isinstance(rets, list):
@@ -401,13 +405,17 @@ def take(final: bool = False, records: Optional[Iterable[_registry.Record]] = No
     growths = []
     for key, (kind, role, site, live, created, gc_rel, oldest, ups, lives, first) in zip(keys, recs):
         age = None if oldest is None else max(0.0, now_m - oldest)
-        growth = tracker.growth(key, (now_m, live))
+        points = tracker.points(key, (now_m, live))
+        growth = _leaks.assess(points)
         growths.append((key, growth))
         churn = _leaks.assess_churn(role, tracker.created_points(key, (now_m, created)), lives, created, first, now_m)
+        samples = tuple((round(now - (now_m - t), 3), v) for t, v in points)
         stats.append(Statistic(kind, role, site, live, created, created - live, gc_rel, age,
-                               tuple((u, n) for u, n, _c in ups if n), growth=growth, churn=churn))
+                               tuple((u, n) for u, n, _c in ups if n), growth=growth, churn=churn, samples=samples))
     extra: Dict[str, Any] = {}
     fd_points = tracker.fd_points(None if fds_open is None else (now_m, fds_open))
+    if fd_points:
+        extra["fd_samples"] = [[round(now - (now_m - t), 3), v] for t, v in fd_points]
     if len(fd_points) >= 2:
         extra["fd_exhaustion"] = _leaks.fd_exhaustion(
             fd_points, fds_limit, ((k, g) for k, g in growths if g is not None))

@@ -25,6 +25,16 @@ if ! command -v promtool >/dev/null 2>&1; then
   fi
 fi
 
+# Debian's chromium for the HTML report's browser test (driven by Playwright from the test extra,
+# never with a browser of Playwright's own); only when missing.
+if [ ! -x /usr/bin/chromium ]; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "warning: no apt-get: install chromium yourself; the HTML report's browser tests skip outside CI (and fail in CI)"
+  else
+    apt_install chromium || echo "warning: could not install chromium; the HTML report's browser tests skip outside CI (and fail in CI)"
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

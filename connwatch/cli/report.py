@@ -7,11 +7,11 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .._fanin import by_upstream
 from .._snapshot import Snapshot, Statistic
-from ._load import load_all, resolve
+from ._load import load_all, resolve, snapshot_dir
 from ._render import (
     EXIT_NO_DATA,
     EXIT_OK,
@@ -160,6 +160,8 @@ def main(args: argparse.Namespace) -> int:
     if not good:
         return EXIT_NO_DATA
     good.sort(key=lambda ps: (-ps[1].live, ps[1].pid))
+    if args.html:
+        return _write_html(args.html, good, args.target)
     if args.by == "upstream":
         fan = by_upstream(s for _, s in good)
         if args.json:
@@ -179,6 +181,26 @@ def main(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _write_html(out: str, good: List[Tuple[str, Snapshot]], target: Optional[str]) -> int:
+    from .._snapshot import write_atomic
+    from ._html import histories, render
+
+    hists = histories(good)
+    page = render(hists, source=short(target or snapshot_dir(), 80))
+    try:
+        write_atomic(out, page.encode("utf-8"))
+    except OSError as e:
+        err(f"report: cannot write {out}: {e.strerror or e}")
+        return EXIT_NO_DATA
+    def n(count: int, word: str, plural: str = "s") -> str:
+        return f"{count} {word}{plural if count != 1 else ''}"
+
+    sites = sum(len(h[-1][1].stats) for h in hists)
+    print(f"wrote {out}: {n(len(hists), 'process', 'es')}, {n(sites, 'call site')}, "
+          f"{n(len(good), 'snapshot file')}, {len(page.encode('utf-8')):,} bytes")
+    return EXIT_OK
+
+
 def register(sub: Any) -> None:
     """Add the ``report`` command to the parser's subcommands."""
     rep = sub.add_parser("report", help="show live clients by call site from snapshot files")
@@ -188,4 +210,8 @@ def register(sub: Any) -> None:
     rep.add_argument("--by", choices=["callsite", "upstream"], default="callsite",
                      help="callsite: each process's call sites (default); upstream: live clients summed per "
                           "host:port across every process, with the services and call sites that hold them")
+    rep.add_argument("--html", metavar="OUT.html",
+                     help="write one self-contained HTML page instead (flame graph of live clients by stack, "
+                          "charts per call site, summary; opens offline): every snapshot file of the target, "
+                          "several files of one process as its history")
     rep.set_defaults(func=main)
