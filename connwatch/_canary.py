@@ -32,10 +32,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-if TYPE_CHECKING:
-    from ._snapshot import Snapshot
+from ._snapshot import SnapshotError, from_dict
 
 __all__ = ["PASS", "MARGINAL", "FAIL", "Process", "Reading", "SiteKey", "Thresholds", "judge",
            "mann_whitney", "process_from_snapshot"]
@@ -465,36 +464,43 @@ def _merge(a: Reading, b: Reading) -> Reading:
                    add(a.gc_released_per_min, b.gc_released_per_min))
 
 
-def process_from_snapshot(snap: Snapshot, rows: Optional[Iterable[Mapping[str, Any]]] = None,
-                          name: Optional[str] = None) -> Process:
-    """The readings of one snapshot (``rows``: its raw ``callsites``, for fields it does not keep).
+def process_from_snapshot(data: Mapping[str, Any], source: str = "<snapshot>") -> Process:
+    """The readings of one snapshot file's JSON object; raises SnapshotError when it is not one.
 
-    Roles of a socket site are summed (Prometheus' series have no role). Growth counts only
-    when the agent had two samples or more; churn comes from ``churn.created_per_min`` and
-    ``suspected_churn`` when the snapshot has them; ``gc_released`` is per minute of uptime.
+    The file-level contract is checked by ``_snapshot.from_dict`` (as ``diff`` and ``report``
+    check it); the call-site rows by the same rules, read straight into readings (building
+    every row's CallSite and Statistic would cost more than judging them). Roles of a socket
+    site are summed (Prometheus' series have no role). Growth counts only when the agent had
+    two samples or more; churn comes from ``churn.created_per_min`` and ``suspected_churn``
+    when the snapshot has them; ``gc_released`` is per minute of uptime.
     """
+    rows = data.get("callsites")
+    snap = from_dict({**data, "callsites": []} if isinstance(rows, list) else data, source)
+    assert isinstance(rows, list)
     uptime_min = None
     if snap.started is not None and snap.time > snap.started:
         uptime_min = (snap.time - snap.started) / 60.0
-    raw: List[Optional[Mapping[str, Any]]] = list(rows) if rows is not None else []
-    if len(raw) != len(snap.stats):
-        raw = [None] * len(snap.stats)
     sites: Dict[SiteKey, Reading] = {}
-    for s, row in zip(snap.stats, raw):
-        site = s.site
-        key = (site.file, site.line, site.function, s.kind) if site else ("?", 0, "?", s.kind)
-        g = s.growth
-        growth, steady = (g.per_min, g.suspected) if g is not None and g.samples >= 2 else (None, None)
-        created = churning = None
-        if row is not None:
+    try:
+        for row in rows:
+            key = (str(row["file"]), int(row["line"]), str(row["function"]), str(row["kind"]))
+            live = int(row["live"])
+            int(row["created"])
+            growth = steady = None
+            leak = row.get("suspected_leak")
+            if isinstance(leak, bool) and int(row.get("growth_samples") or 0) >= 2:
+                growth, steady = float(row.get("growth_per_min") or 0.0), leak
+            created = churning = None
             churn = row.get("churn")
             if isinstance(churn, dict) and isinstance(churn.get("created_per_min"), (int, float)):
                 created = float(churn["created_per_min"])
             if isinstance(row.get("suspected_churn"), bool):
                 churning = row["suspected_churn"]
-        gc = s.gc_released / uptime_min if uptime_min else None
-        reading = Reading(float(s.live), growth, steady, created, churning, gc)
-        prev = sites.get(key)
-        sites[key] = reading if prev is None else _merge(prev, reading)
+            gc = int(row.get("gc_released") or 0) / uptime_min if uptime_min else None
+            reading = Reading(float(live), growth, steady, created, churning, gc)
+            prev = sites.get(key)
+            sites[key] = reading if prev is None else _merge(prev, reading)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SnapshotError(f"{source}: not a valid connwatch snapshot (bad call site row: {e!r})") from None
     fd = snap.fds_open / snap.fds_limit if snap.fds_open is not None and snap.fds_limit else None
-    return Process(name or f"{snap.host}-{snap.pid}", sites, fd)
+    return Process(f"{snap.host}-{snap.pid}", sites, fd)

@@ -10,7 +10,7 @@ import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 from .. import _canary
-from .._snapshot import SnapshotError, from_dict, read_json
+from .._snapshot import SnapshotError, read_json
 from ._load import resolve
 from ._render import EXIT_FAIL, EXIT_NO_DATA, EXIT_OK, EXIT_USAGE, PLAIN, Style, err, site_text, use_colour
 
@@ -30,12 +30,9 @@ def load_folder(target: str) -> Tuple[List[_canary.Process], List[str], Optional
     bad: List[str] = []
     for path in paths:
         try:
-            data = read_json(path)
-            snap = from_dict(data, source=path)
+            procs.append(_canary.process_from_snapshot(read_json(path), source=path))
         except SnapshotError as e:
             bad.append(str(e))
-            continue
-        procs.append(_canary.process_from_snapshot(snap, data.get("callsites")))
     if not procs:
         return [], bad, "; ".join(bad) or f"{target}: no readable snapshot"
     return procs, bad, None

@@ -12,7 +12,7 @@ import pytest
 
 from connwatch import _canary, _promsource
 from connwatch._canary import Process, Reading, Thresholds, judge, mann_whitney
-from connwatch._snapshot import from_dict
+from connwatch._snapshot import SnapshotError, from_dict
 
 SITE = ("/srv/app/db.py", 12, "connect", "socket")
 OTHER = ("/srv/app/cache.py", 40, "client", "requests.Session")
@@ -167,13 +167,22 @@ def test_readings_from_a_snapshot_merge_roles_and_keep_churn() -> None:
                               growth_window_s=4.0, churn={"created_per_min": 7.5}, suspected_churn=True),
                           row("accepted", 1, suspected_leak=False, growth_per_min=0.0, growth_samples=1,
                               growth_window_s=0.0)]}
-    proc = _canary.process_from_snapshot(from_dict(data), data["callsites"])
+    proc = _canary.process_from_snapshot(data)
     assert proc.name == "h-7" and proc.fd_utilization == 0.05
     r = proc.sites[("/srv/a.py", 3, "f", "socket")]
     assert (r.live, r.growth_per_min, r.steady, r.created_per_min, r.churning) == (3.0, 4.0, True, 7.5, True)
     assert r.gc_released_per_min == 6.0  # 12 released by GC in 2 minutes of uptime
     with pytest.raises(ValueError):
         judge([], [proc])
+    # Not a snapshot: the same errors as from_dict gives diff and report.
+    for bad, words in (({**data, "schema": "x"}, "not a connwatch snapshot"),
+                       ({**data, "callsites": [{"file": "a"}]}, "bad call site row"),
+                       ({**data, "callsites": [{**row("client", 1), "live": "many"}]}, "bad call site row"),
+                       ({**data, "pid": "7"}, "bad or missing 'pid'")):
+        with pytest.raises(SnapshotError, match=words):
+            _canary.process_from_snapshot(bad, "f.json")
+        with pytest.raises(SnapshotError):
+            from_dict(bad, "f.json")
 
 
 def test_prometheus_reader_pure_parts() -> None:
