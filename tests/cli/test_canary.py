@@ -155,6 +155,7 @@ def test_slow_leak_fails_noise_and_one_more_pass(fleet: Any, tcp_server: Any, tm
     assert site["baseline"]["live"]["mean"] == 12 and site["canary"]["live"]["mean"] == 12
     assert site["baseline"]["steady_growth"] == 0 and site["canary"]["steady_growth"] == 3
     assert site["canary"]["growth_per_min"]["median"] > 30
+    assert site["tests"]["created_per_min"]["result"] == "higher" and "creates more clients" in site["reason"]
     assert result["baseline"]["processes"] == 3 and result["canary"]["processes"] == 3
 
     # One more client per process at a 12-client site: the rank test sees it, the tolerance lets it pass.
@@ -171,7 +172,9 @@ def test_slow_leak_fails_noise_and_one_more_pass(fleet: Any, tcp_server: Any, tm
     # Noise: the baseline against itself, and the canary's flags are thresholds.
     assert _judge(base, base)["verdict"] == "pass"
     assert _judge(base, canary, "--leak-share", "1.0")["verdict"] == "fail"
-    assert _judge(base, canary, "--min-growth", "100000")["verdict"] == "pass"
+    # The leak also creates clients at ~100/min where the baseline creates none (the snapshots' churn).
+    assert _judge(base, canary, "--min-growth", "100000")["verdict"] == "fail"
+    assert _judge(base, canary, "--min-growth", "100000", "--min-churn", "100000")["verdict"] == "pass"
     assert _judge(base, str(folders["double"]), "--tolerance", "1.5")["verdict"] == "pass"
 
 
