@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from . import _leaks
 from ._canary import Process, Reading, SiteKey
 
-__all__ = ["MAX_POINTS", "PromError", "parse_duration", "query_range", "read_group", "selector"]
+__all__ = ["MAX_POINTS", "PromError", "parse_duration", "parse_time", "query_range", "read_group", "selector"]
 
 MAX_POINTS = 11000  # Prometheus refuses a range query with more points per series than this
 SITE_LABELS = ("connwatch_client_kind", "code_file_path", "code_line_number", "code_function_name")
@@ -64,6 +64,24 @@ def parse_duration(text: str) -> float:
     if not value > 0 or math.isinf(value):
         raise ValueError(f"not a positive duration: {text!r}")
     return value
+
+
+def parse_time(text: str) -> float:
+    """Unix seconds from ``1764150000``/``1764150000.5`` or ISO 8601 (``2026-12-03T09:30:00Z``)."""
+    raw = text.strip()
+    try:
+        return float(raw)
+    except ValueError:
+        pass
+    import datetime
+
+    try:
+        when = datetime.datetime.fromisoformat(raw[:-1] + "+00:00" if raw.endswith(("Z", "z")) else raw)
+    except ValueError:
+        raise ValueError(f"not a time: {text!r} (use Unix seconds or ISO 8601, e.g. 2026-12-03T09:30:00Z)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
 
 
 def selector(text: str) -> str:
@@ -165,7 +183,7 @@ def read_group(url: str, match: str, window_s: float, step_s: float, end: Option
         raise PromError(f"--window / --step gives {int(window_s / step_s)} points per series; Prometheus "
                         f"allows {MAX_POINTS}: use a larger --step")
     end = time.time() if end is None else end
-    start = end - window_s
+    start = end - max(1, int(window_s / step_s)) * step_s  # a whole number of steps: ``end`` is evaluated
     by = ", ".join((*PROCESS_LABELS, *SITE_LABELS))
     live = query_range(url, f"sum by ({by}) (connwatch_clients_live{{{inner}}})", start, end, step_s, timeout)
     created = query_range(url, f"sum by ({by}) (connwatch_clients_created_total{{{inner}}})", start, end,

@@ -119,12 +119,13 @@ def main(args: argparse.Namespace) -> int:
         try:
             window = _promsource.parse_duration(args.window)
             step = _promsource.parse_duration(args.step)
+            end = _promsource.parse_time(args.end) if args.end else None
         except ValueError as e:
             err(f"canary: {e}")
             return EXIT_USAGE
         for role, match in (("baseline", baseline), ("canary", canary)):
             try:
-                procs = _promsource.read_group(args.prometheus, match, window, step, timeout=args.timeout)
+                procs = _promsource.read_group(args.prometheus, match, window, step, end=end, timeout=args.timeout)
             except ValueError as e:
                 err(f"canary: --{role}: {e}")
                 return EXIT_USAGE
@@ -173,6 +174,8 @@ def register(sub: Any) -> None:
     can.add_argument("--prometheus", metavar="URL", help="read the groups from this Prometheus server")
     can.add_argument("--window", default="30m", metavar="D", help="with --prometheus: the time judged (30m)")
     can.add_argument("--step", default="30s", metavar="D", help="with --prometheus: the resolution (30s)")
+    can.add_argument("--end", metavar="TIME", help="with --prometheus: the window's end, Unix seconds or ISO 8601 "
+                                                   "(now)")
     can.add_argument("--timeout", type=float, default=30.0, metavar="S", help=argparse.SUPPRESS)
     can.add_argument("--alpha", type=float, default=th.alpha, metavar="P",
                      help=f"level of the one-sided rank test across processes ({th.alpha:g})")

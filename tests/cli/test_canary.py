@@ -14,7 +14,7 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -44,13 +44,24 @@ class Agent:
         line = self.proc.stdout.readline()
         assert line.strip() == "ready", f"canaryapp did not start: {line!r}"
 
-    def live(self) -> Optional[int]:
-        """Live connections at the app's line in its latest snapshot (None before the first)."""
+    def row(self) -> Optional[Dict[str, Any]]:
+        """The app line's row in the latest snapshot (None before the first)."""
         try:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None
-        return sum(r["live"] for r in data["callsites"] if r["line"] == LINE and r["file"] == str(APP))
+        rows = [r for r in data["callsites"] if r["line"] == LINE and r["file"] == str(APP)]
+        return rows[0] if rows else None
+
+    def live(self) -> Optional[int]:
+        row = self.row()
+        return None if row is None else int(row["live"])
+
+    def flat(self) -> bool:
+        """Its leak window (8 snapshots) is past its start: no growth, nothing created in it."""
+        row = self.row()
+        return row is not None and row.get("growth_samples", 0) >= 8 and row.get("growth_per_min") == 0 \
+            and (row.get("churn") or {}).get("created_in_window", 0) == 0
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -76,13 +87,23 @@ def fleet(tmp_path: Path) -> Iterator[Any]:
             ports = (prom_ports or {}).get(name) or [None] * count
             out[name] = [Agent(tmp_path / "live" / name, args, port, ports[i]) for i in range(count)]
             started.extend(out[name])
-        for agent in started:  # all started before any is waited for: the groups run side by side
-            agent.ready()
+        for group in out.values():  # all started before any is waited for: the groups run side by side
+            for agent in group:
+                agent.ready()
         return out
 
     yield start
     for agent in started:
         agent.stop()
+
+
+def _wait_flat(agents: List[Agent], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(a.flat() for a in agents):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not flat: {[a.row() for a in agents]}")
 
 
 def _wait_all(agents: List[Agent], n: int, timeout: float = 40.0) -> None:
@@ -124,12 +145,21 @@ GROUPS = {"baseline": ["hold", "12"], "canary": ["slow", "12", EVERY], "plusone"
           "double": ["hold", "24"]}
 
 
+def _start_groups(fleet: Any, port: int, names: List[str], **kw: Any) -> Tuple[Dict[str, List[Agent]], float]:
+    """The holding groups first, until their leak windows are past their start-up (as in a
+    baseline that has run for a while); then the canary, whose leak starts with it. Returns the
+    agents and the time the canary started."""
+    agents = fleet({n: GROUPS[n] for n in names if n != "canary"}, port, **kw)
+    _wait_flat([a for group in agents.values() for a in group])
+    started = time.time()
+    agents.update(fleet({"canary": GROUPS["canary"]}, port, **kw))
+    _wait_all(agents["canary"], 12)  # the folders are taken as the canary reaches 12
+    return agents, started
+
+
 def test_slow_leak_fails_noise_and_one_more_pass(fleet: Any, tcp_server: Any, tmp_path: Path) -> None:
-    agents = fleet(GROUPS, tcp_server.port)
-    _wait_all(agents["baseline"], 12)
-    _wait_all(agents["plusone"], 13)
-    _wait_all(agents["double"], 24)
-    _wait_all(agents["canary"], 12)  # last: the folders are taken as the canary reaches 12
+    agents, _started = _start_groups(fleet, tcp_server.port, list(GROUPS))
+    assert [a.live() for a in agents["double"]] == [24] * 3
     folders = _freeze(tmp_path, list(GROUPS))
     for f in folders["canary"].glob("*.json"):  # the issue's canary: every snapshot says so
         data = json.loads(f.read_text())
@@ -258,22 +288,24 @@ def test_prometheus_form_gives_the_same_verdicts(fleet: Any, tcp_server: Any, tm
     url = f"http://127.0.0.1:{prom_port}"
     try:
         _wait_prom(prom_port, "vector(1)", bool, server)
-        agents = fleet({n: GROUPS[n] for n in names}, tcp_server.port, prom_ports=ports)
-        _wait_all(agents["baseline"], 12)
-        _wait_all(agents["plusone"], 13)
-        _wait_all(agents["canary"], 12)
+        agents, started = _start_groups(fleet, tcp_server.port, names, prom_ports=ports)
+        assert [a.live() for a in agents["plusone"]] == [13] * 3
         folders = _freeze(tmp_path, names)
         # Prometheus has scraped the canary at its 12.
         _wait_prom(prom_port, f'sum by (instance) (connwatch_clients_live{{job="canary",code_line_number="{LINE}"}})',
                    lambda r: len(r) == 3 and all(float(s["value"][1]) == 12 for s in r), server)
-        window = ["--prometheus", url, "--window", "40s", "--step", "0.5s"]
+        # The window of the canary's life up to now (the holding groups have been flat since
+        # before it), pinned with --end so every query below judges the same window.
+        end = time.time()
+        window = ["--prometheus", url, "--window", f"{end - started + 1:.1f}s", "--step", "0.5s", "--end", f"{end:.3f}"]
         for other, verdict in (("canary", "fail"), ("plusone", "pass")):
             from_files = _judge(str(folders["baseline"]), str(folders[other]))
             from_prom = _judge(*window, "--baseline", 'job="baseline"', "--canary", f'{{job="{other}"}}')
             assert from_files["verdict"] == from_prom["verdict"] == verdict, (from_files, from_prom)
             a, b = _site(from_files), _site(from_prom)
-            assert a["verdict"] == b["verdict"] == verdict, (a, b)
-            assert a["baseline"]["live"] == b["baseline"]["live"] and a["canary"]["live"] == b["canary"]["live"]
+            both = json.dumps([a, b])
+            assert a["verdict"] == b["verdict"] == verdict, both
+            assert (a["baseline"]["live"], a["canary"]["live"]) == (b["baseline"]["live"], b["canary"]["live"]), both
             assert from_prom["baseline"]["processes"] == from_prom["canary"]["processes"] == 3
             assert from_prom["baseline"]["names"][0].startswith("baseline/127.0.0.1:")
         from_prom = _judge(*window, "--baseline", 'job="baseline"', "--canary", 'job="canary"')

@@ -191,6 +191,11 @@ def test_prometheus_reader_pure_parts() -> None:
     for bad in ("", "5 minutes", "-3s", "0", "1x"):
         with pytest.raises(ValueError):
             _promsource.parse_duration(bad)
+    assert _promsource.parse_time("1764150000.5") == 1764150000.5
+    assert _promsource.parse_time("2026-12-03T09:30:00Z") == _promsource.parse_time("2026-12-03T10:30:00+01:00")
+    assert _promsource.parse_time("2026-12-03T09:30:00") == 1796290200.0
+    with pytest.raises(ValueError):
+        _promsource.parse_time("yesterday")
     assert _promsource.selector('{job="api"}') == 'job="api"'
     assert _promsource.selector('job="api", track="canary"') == 'job="api", track="canary"'
     for bad in ("", "{}", 'a{b="c"}'):
