@@ -38,17 +38,18 @@ def load_folder(target: str) -> Tuple[List[_canary.Process], List[str], Optional
     return procs, bad, None
 
 
-def _fig(side: Dict[str, Any], name: str, unit: str = "") -> str:
+def _fig(side: Dict[str, Any], name: str) -> str:
     f = side.get(name)
-    return "-" if f is None else f"{f['mean']}{unit}"
+    return "-" if f is None else f"{round(f['mean'], 1):g}"
 
 
 def format_result(result: Dict[str, Any], top: int = 20, style: Style = PLAIN) -> str:
     """The human-readable verdicts of :func:`connwatch._canary.judge`."""
     b, c = result["baseline"], result["canary"]
+    n = len(result["sites"])
     out = [style.bold(f"canary {c['source']} ({c['processes']} process{'es' if c['processes'] != 1 else ''}) "
                       f"vs baseline {b['source']} ({b['processes']} process{'es' if b['processes'] != 1 else ''}): "
-                      f"{len(result['sites'])} call sites, per process (mean)")]
+                      f"{n} call site{'s' if n != 1 else ''}, per process (mean)")]
     shown = [s for s in result["sites"] if s["verdict"] != _canary.PASS]
     passed = [s for s in result["sites"] if s["verdict"] == _canary.PASS]
     shown += passed[:max(0, top - len(shown))]
