@@ -55,7 +55,7 @@ def format_result(result: Dict[str, Any], top: int = 20, style: Style = PLAIN) -
     shown += passed[:max(0, top - len(shown))]
     if shown:
         out.append(f"  {'VERDICT':<9}{'LIVE B -> C':>15} {'GROWTH/MIN B -> C':>19}  {'KIND':<20} CALL SITE")
-        for s in shown[:max(top, len([x for x in shown if x['verdict'] != _canary.PASS]))]:
+        for s in shown:  # every failing and marginal site, then passing ones up to --top
             live = f"{_fig(s['baseline'], 'live')} -> {_fig(s['canary'], 'live')}"
             growth = f"{_fig(s['baseline'], 'growth_per_min')} -> {_fig(s['canary'], 'growth_per_min')}"
             line = (f"  {s['verdict'].upper():<9}{live:>15} {growth:>19}  {s['kind']:<20} "
