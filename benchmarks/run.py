@@ -34,6 +34,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import shutil
 import socket
 import statistics
@@ -450,6 +451,70 @@ def cli_scale(quick: bool) -> List[Dict[str, Any]]:
     return out
 
 
+def _canary_folder(folder: Path, processes: int, sites: int, rng: random.Random, leaks: int) -> None:
+    """One group of a canary: ``processes`` snapshot files of ``sites`` call sites each, with the
+    agent's leak and churn signals; the first ``leaks`` sites grow steadily (a slow leak)."""
+    from connwatch import _leaks, _snapshot
+    from connwatch._callsite import CallSite
+
+    folder.mkdir()
+    now = time.time()
+    for pid in range(1, processes + 1):
+        stats = []
+        for i in range(sites):
+            live = max(0, int(rng.gauss(5 + i % 20, 1.5)))
+            leak = i < leaks
+            growth = _leaks.Growth(leak, 90.0 + rng.random() * 10 if leak else rng.gauss(0.0, 0.5), 8, 80.0)
+            churn = _leaks.Churn(False, 100.0 if leak else abs(rng.gauss(2.0, 1.0)), 12, 80.0, 40, 30.0, 0)
+            stats.append(_snapshot.Statistic(
+                "requests.Session", None,
+                CallSite(f"/srv/app/mod{i % 97}.py", 10 + i, f"handler_{i}", False,
+                         ((f"/srv/app/mod{i % 97}.py", 10 + i, f"handler_{i}"), ("/srv/app/main.py", 5, "main"))),
+                live=live, created=live + 40, closed=40, upstreams=((f"svc{i % 10}.internal:8080", live),),
+                growth=growth, churn=churn))
+        snap = _snapshot.Snapshot(tuple(stats), now, pid, f"web-{pid % 40}", "api", started=now - 3600.0,
+                                  fds_open=200 + rng.randint(0, 20), fds_limit=65536)
+        snap.dump(str(folder / f"web-{pid}.json"))
+
+
+def canary_scale(quick: bool) -> Dict[str, Any]:
+    """``connwatch canary`` over two groups of 200 processes x 1,000 call sites (3 leaking in the
+    canary): the judge alone (readings in memory), loading the 400 files plus the judge in one
+    process, and the whole command as a user runs it."""
+    from connwatch import _canary
+    from connwatch.cli.canary import load_folder
+
+    processes, sites = (20, 100) if quick else (200, 1000)
+    rng = random.Random(5)
+    with tempfile.TemporaryDirectory(prefix="connwatch-bench-") as tmp:
+        base, can = Path(tmp) / "baseline", Path(tmp) / "canary"
+        _canary_folder(base, processes, sites, rng, 0)
+        _canary_folder(can, processes, sites, rng, 3)
+        mb = sum(f.stat().st_size for f in Path(tmp).glob("*/*.json")) / 1e6
+        t_judge, t_load, t_cmd = [], [], []
+        for _ in range(1 if quick else 3):
+            t0 = time.perf_counter()
+            b, _skipped, _err = load_folder(str(base))
+            c, _skipped, _err = load_folder(str(can))
+            t1 = time.perf_counter()
+            result = _canary.judge(b, c)
+            t2 = time.perf_counter()
+            t_load.append(t2 - t0)
+            t_judge.append(t2 - t1)
+            if result["verdict"] != "fail" or result["counts"]["fail"] != 3:
+                raise RuntimeError(f"canary judge: expected 3 failing sites, got {result['counts']}")
+            t3 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "connwatch", "canary", str(base), str(can), "--json"],
+                                  capture_output=True, text=True, cwd="/",
+                                  env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+            t_cmd.append(time.perf_counter() - t3)
+            if proc.returncode != 1:
+                raise RuntimeError(f"connwatch canary: exit {proc.returncode}: {proc.stderr[-2000:]}")
+    return {"processes_per_group": processes, "call_sites": sites, "megabytes": round(mb, 1),
+            "judge_s": statistics.median(t_judge), "load_and_judge_s": statistics.median(t_load),
+            "command_s": statistics.median(t_cmd)}
+
+
 PTH = (REPO / "connwatch" / "connwatch.pth").read_text().strip()
 # The installed package (with the compiled extension), not the checkout.
 PKG = Path(subprocess.run([sys.executable, "-c", "import connwatch, os; print(os.path.dirname(connwatch.__file__))"],
@@ -540,7 +605,7 @@ def machine() -> str:
 
 def markdown(over: List[Dict[str, Any]], tog: List[Dict[str, Any]], instr: List[Dict[str, Any]],
              mem: Dict[str, Any], sc: List[Dict[str, Any]], st: Dict[str, Any],
-             cli: Optional[List[Dict[str, Any]]] = None) -> str:
+             cli: Optional[List[Dict[str, Any]]] = None, canary: Optional[Dict[str, Any]] = None) -> str:
     lines = [f"Measured on: {machine()}, {time.strftime('%Y-%m-%d')}", "",
              "Per operation: CPU time of the measured process (user+system), median of per-run medians; "
              "ratios (CPU / wall clock) and added time are medians of each round's paired comparison with the "
@@ -610,6 +675,12 @@ def markdown(over: List[Dict[str, Any]], tog: List[Dict[str, Any]], instr: List[
                   "|---|---|---|---|"]
         for r in cli:
             lines.append(f"| `{r['command']}` | {r['files']:,} | {r['call_sites_per_file']:,} | {r['seconds']:.2f} s |")
+    if canary:
+        lines += ["", "| canary judge (median of 3) | processes per group | call sites | snapshot files | judge | "
+                  "load + judge | `connwatch canary B C --json` |", "|---|---|---|---|---|---|---|",
+                  f"| two groups, 3 slow leaks | {canary['processes_per_group']:,} | {canary['call_sites']:,} | "
+                  f"{2 * canary['processes_per_group']:,} ({canary['megabytes']:.0f} MB) | {canary['judge_s']:.2f} s | "
+                  f"{canary['load_and_judge_s']:.2f} s | {canary['command_s']:.2f} s |"]
     lines += ["", "| start-up | value |", "|---|---|"]
     for k, v in st.items():
         lines.append(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |")
@@ -631,14 +702,16 @@ def main() -> None:
     sc = scale(3 if args.quick else 15)
     st = startup(5 if args.quick else 41)
     cli = cli_scale(args.quick)
+    can = canary_scale(args.quick)
     import html_report  # benchmarks/html_report.py: the HTML report at 1,000 call sites
 
     html = html_report.html_scale(args.quick)
     if args.json:
         print(json.dumps({"machine": machine(), "overhead": over, "toggled": tog, "instructions": instr,
-                          "memory": mem, "scale": sc, "startup": st, "cli": cli, "html": html}, indent=1))
+                          "memory": mem, "scale": sc, "startup": st, "cli": cli, "canary": can, "html": html},
+                         indent=1))
     else:
-        print(markdown(over, tog, instr, mem, sc, st, cli) + "\n\n" + "\n".join(html_report.markdown(html)))
+        print(markdown(over, tog, instr, mem, sc, st, cli, can) + "\n\n" + "\n".join(html_report.markdown(html)))
 
 
 if __name__ == "__main__":

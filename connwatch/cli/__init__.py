@@ -1,4 +1,4 @@
-"""The ``connwatch`` command: one module per subcommand (run, report, top, diff, doctor), the
+"""The ``connwatch`` command: one module per subcommand (run, report, top, diff, canary, doctor), the
 shared terminal rendering in ``_render`` and snapshot loading in ``_load``.
 
 Human output is coloured only on a terminal (and never with ``NO_COLOR``); ``--json`` gives
@@ -12,10 +12,10 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import diff, doctor, report, run, top
+from . import canary, diff, doctor, report, run, top
 from ._render import EXIT_OK, EXIT_USAGE
 
-COMMANDS = (run, report, top, diff, doctor)
+COMMANDS = (run, report, top, diff, canary, doctor)
 
 
 def _quiet_agent() -> None:

@@ -10,7 +10,8 @@ from tests.conftest import run_py
 
 CORE = ["connwatch", "connwatch._callsite", "connwatch._registry", "connwatch._snapshot",
         "connwatch._limits", "connwatch._upstream", "connwatch._config", "connwatch._forksafe", "connwatch._fds",
-        "connwatch._log", "connwatch._importhook", "connwatch.bootstrap", "connwatch._retainers"]
+        "connwatch._log", "connwatch._importhook", "connwatch.bootstrap", "connwatch._retainers",
+        "connwatch._canary", "connwatch._promsource"]
 STDLIB = set(sys.stdlib_module_names)
 
 
