@@ -102,8 +102,9 @@ def html_scale(quick: bool) -> List[Dict[str, Any]]:
 
 
 def markdown(rows: List[Dict[str, Any]]) -> List[str]:
-    lines = ["| `connwatch report --html` | page size | command (median of 5) | opens in Chromium: drawn and painted "
-             "(median of 5) | renderer main-thread CPU |", "|---|---|---|---|---|"]
+    lines = ["| `connwatch report --html` | page size | command (median of 5; 1 with --quick) | opens in Chromium: "
+             "drawn and painted (median of 5 loads; 1 with --quick) | renderer main-thread CPU |",
+             "|---|---|---|---|---|"]
     for r in rows:
         opened = "n/a (no chromium)" if r["painted_ms"] is None else f"{r['painted_ms']:.0f} ms"
         cpu = "n/a" if r["main_thread_cpu_ms"] is None else f"{r['main_thread_cpu_ms']:.0f} ms"
