@@ -31,6 +31,7 @@ __all__ = ["histories", "page_data", "render"]
 _HERE = os.path.dirname(os.path.abspath(__file__))
 MERGE_S = 0.02  # readings of one series closer than this (s) are the same sample seen twice
 ARGV_CHARS = 300
+MAX_RETAINERS = 5  # paths shown per call site (snapshots taken with retainers carry a few)
 
 History = List[Tuple[str, Snapshot]]  # one process's snapshot files, oldest first
 SiteKey = Tuple[str, Optional[str], str, int, str]
@@ -143,6 +144,8 @@ def _process(hist: History, t0: float, intern: _Interner) -> Dict[str, Any]:
         if churn is not None:
             row["ch"] = {"s": 1 if churn.suspected else 0, "cpm": round(churn.created_per_min, 2),
                          "life": None if churn.median_lifetime_s is None else round(churn.median_lifetime_s, 3)}
+        if st.retainers:
+            row["r"] = [str(r) for r in st.retainers[:MAX_RETAINERS]]
         sites.append(row)
     fdx = snap.extra.get("fd_exhaustion")
     exhaustion = None

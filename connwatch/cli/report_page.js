@@ -486,6 +486,11 @@
     if (s.gpm !== undefined) add(facts, el("div", leak ? "red" : "muted", `growth ${rate(s.gpm)} over the window`));
     if (s.ch) add(facts, el("div", churn ? "orange" : "muted", `creates ${rate(s.ch.cpm)}` + (s.ch.life !== null ? `, median lifetime ${dur(s.ch.life)}` : "")));
     if (s.u.length) add(facts, el("div", null, "upstreams: " + s.u.slice(0, 6).map(([u, n]) => `${S[u]} (${num(n)})`).join(", ") + (s.u.length > 6 ? ", …" : "")));
+    if (s.r && s.r.length) {
+      const held = el("ul", "mono held");
+      for (const r of s.r) add(held, el("li", null, r));
+      add(facts, el("div", null, "held by:"), held);
+    }
     add(body, facts);
     const det = el("details");
     add(det, el("summary", null, `traceback (${s.tb.length} frame${s.tb.length === 1 ? "" : "s"}, most recent call last)`));

@@ -253,7 +253,7 @@ def test_hostile_names_stay_text(tmp_path: Path, browser: Any) -> None:
     evil = '</script><script>alert("x")</script><img src=x onerror=alert(1)>'
     now = 1_800_000_000.0
     st = Statistic("socket", "client", CallSite(f"/srv/{evil}.py", 3, evil, False, ((f"/srv/{evil}.py", 3, evil),)),
-                   4, 4, 0, upstreams=((f"{evil}:1", 4),))
+                   4, 4, 0, upstreams=((f"{evil}:1", 4),), retainers=(f"module app: {evil}[0]",))
     out = tmp_path / "evil.html"
     out.write_text(render(histories([("x.json", Snapshot((st,), now, 1, "h", evil, (evil,)))]), now=now),
                    encoding="utf-8")
@@ -263,6 +263,7 @@ def test_hostile_names_stay_text(tmp_path: Path, browser: Any) -> None:
         assert page.page.locator("img, script[src]").count() == 0
         assert page.page.locator(".fr[data-line='3']").get_attribute("data-func") == evil
         assert evil in page.page.locator(".site .where").inner_text()
+        assert page.page.locator(".site ul.held li").all_inner_texts() == [f"module app: {evil}[0]"]
     finally:
         page.close()
 
