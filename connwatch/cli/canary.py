@@ -30,7 +30,7 @@ def load_folder(target: str) -> Tuple[List[_canary.Process], List[str], Optional
     bad: List[str] = []
     for path in paths:
         try:
-            procs.append(_canary.process_from_snapshot(read_json(path), source=path))
+            procs.append(_canary.process_from_snapshot(read_json(path, tracebacks=False), source=path))
         except SnapshotError as e:
             bad.append(str(e))
     if not procs:

@@ -200,3 +200,28 @@ def test_huge_file_is_refused(tmp_path: Path) -> None:
         f.truncate(_snapshot.MAX_FILE_BYTES + 1)
     with pytest.raises(SnapshotError, match="too large"):
         Snapshot.load(str(big))
+
+
+def test_read_json_without_tracebacks_drops_only_the_tracebacks(tmp_path: Any) -> None:
+    from connwatch import _snapshot
+    from connwatch._callsite import CallSite
+
+    odd = ['/srv/a "quoted" \\\\ path].py', "/srv/ünïcode/{braces}.py", '/srv/"traceback":[x].py']
+    stats = tuple(
+        _snapshot.Statistic("socket", "client", CallSite(f, 10 + i, f"f{i}", False,
+                                                          tuple((f, 10 + i + j, f"g{j}]}}") for j in range(3))),
+                            live=i + 1, created=i + 2, closed=1, upstreams=(("h:1", i + 1),))
+        for i, f in enumerate(odd))
+    snap = _snapshot.Snapshot(stats, 1.0, 42, "host", "svc", fds_open=5, fds_limit=100)
+    path = tmp_path / "s.json"
+    snap.dump(str(path))
+    full = _snapshot.read_json(str(path))
+    lean = _snapshot.read_json(str(path), tracebacks=False)
+    assert all(len(r["traceback"]) == 3 for r in full["callsites"])
+    assert all(r["traceback"] == [] for r in lean["callsites"])
+    for r in full["callsites"]:
+        r["traceback"] = []
+    assert lean == full
+    # A file in another layout (indented, as older versions wrote) is read whole.
+    path.write_text(json.dumps(snap.to_dict(), indent=1))
+    assert _snapshot.read_json(str(path), tracebacks=False)["callsites"][0]["traceback"]
