@@ -54,6 +54,13 @@ class Leaker:
             time.sleep(0.05)
         raise AssertionError(f"no suspected leak within {timeout}s: {json.dumps(last)[:2000]}")
 
+    def finish(self) -> int:
+        """Ask the app to exit normally (it writes its final snapshot); returns the exit code."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("exit\n")
+        self.proc.stdin.flush()
+        return self.proc.wait(timeout=30)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -96,6 +103,10 @@ def test_setting_adds_retainers_of_suspected_leaks_and_report_prints_them(
     assert out.returncode == 0, out.stderr
     assert re.search(r"held by: __main__\.held \(list\) \[\d+\]", out.stdout), out.stdout
     assert re.search(r"retainers: searched [\d,]+ objects in \d+ ms", out.stdout), out.stdout
+    # The final snapshot at exit has them too.
+    assert app.finish() == 0
+    final = json.loads(app.path.read_text())
+    assert final["final"] is True and _leaky_row(final).get("retainers"), _leaky_row(final)
 
 
 def test_connwatch_run_retainers_flag(leakers: Any, tcp_server: Server, tmp_path: Path) -> None:
