@@ -218,6 +218,22 @@ def test_secret_looking_keys_are_not_shown(agent: Any, tcp_server: Server, clean
             s.close()
 
 
+def park_in_a_big_dict(tcp_server: Server) -> None:
+    # More members than one batch takes (8,192): expanded, and its holder found, a slice at a time.
+    big: Dict[int, List[Any]] = {i: [i] for i in range(20_000)}
+    big[19_999].append(socket.create_connection(tcp_server.address, timeout=5))
+    CLIENTS["big"] = [big]
+
+
+def test_a_client_deep_in_a_big_container(agent: Any, tcp_server: Server) -> None:
+    park_in_a_big_dict(tcp_server)
+    try:
+        stat = stat_of(agent.snapshot(retainers=True), "park_in_a_big_dict")
+        assert stat.retainers == (f"{__name__}.CLIENTS (dict) ['big'] -> (list) [0] -> (dict) [19999] -> (list) [1]",)
+    finally:
+        CLIENTS.pop("big")[0][19_999][1].close()
+
+
 def test_two_holders_two_paths(agent: Any, tcp_server: Server, clean: Any) -> None:
     park_in_list("a", tcp_server)
     Pool.conns.append(CLIENTS["a"][3])
