@@ -9,7 +9,10 @@ generators and coroutines) to one live client:
 
 The search is breadth-first from every root at once (so each path is a shortest one), over
 ``gc.get_referents`` (what the garbage collector itself follows), towards the ids of a few live
-clients per call site. Edge names are worked out only for the edges of the paths found.
+clients per call site. It goes a level at a time, in batches whose filtering (tracked objects,
+not seen before, targets among them) runs in C, and keeps no parent pointers: the holder of a
+target is found afterwards by scanning the level above (in C again), and edge names are worked
+out only for the edges of the paths found.
 
 Hazards, and how this module meets them:
 
@@ -20,8 +23,13 @@ Hazards, and how this module meets them:
   spent; when a bound stops the search, the result says so (``truncated``, ``limit``).
 * **No references left behind.** The search holds the objects it reached (so ids stay unique
   while it runs) in its own locals and drops them when it returns; the caller drops its targets.
-  Its own frames, containers and connwatch's modules are never traversed, so it never finds
-  a client through itself or through the registry.
+  The frame walks drop every frame reference before returning: a frame object held by a local
+  of its own frame is a cycle that would keep the frames below it, and their locals, alive.
+* **Not itself.** Its own frames and containers, connwatch's modules (the registry and its weak
+  references among them) and ``weakref.finalize``'s registry (callback arguments, e.g. urllib3's
+  pool queues) are never followed, so no path runs through connwatch or a finalizer.
+* **Memory.** A big container is expanded a slice of members at a time, so no single batch
+  makes a list of millions of references; the objects bound is exact.
 * **Never raises.** Errors are logged once and end the search with what was found.
 * **Frame locals.** A running frame's locals are read with ``frame.f_locals``. On Python 3.12
   and older that fills a dict cached in the frame (CPython's own behaviour, PEP 667): a local the
@@ -374,7 +382,12 @@ def _skip_ids() -> Set[int]:
     if fin is not None:
         out.add(id(getattr(fin, "_registry", None)))
     for name, mod in list(sys.modules.items()):
-        d = getattr(mod, "__dict__", None)
+        if not isinstance(mod, _MODULE):
+            continue  # (an object a library put in sys.modules: a root like any global)
+        try:
+            d = object.__getattribute__(mod, "__dict__")
+        except Exception:
+            continue
         if isinstance(d, dict):
             out.add(id(d))
             if _is_ours(name):

@@ -25,6 +25,7 @@ def main(args: argparse.Namespace) -> int:
         (args.cap_per_upstream, _config.CAP_PER_UPSTREAM), (args.cap_mode, _config.CAP_MODE),
         (args.exporter, _config.EXPORTER), (args.service, _config.SERVICE),
         (args.disable_patches, _config.DISABLED_PATCHES),
+        ("1" if args.retainers else None, _config.RETAINERS),
     ]
     for value, var in settings:
         if value is not None:
@@ -53,5 +54,7 @@ def register(sub: Any) -> None:
     run.add_argument("--exporter", help="otlp, prometheus, console, none (comma list)")
     run.add_argument("--service", help="service name reported in snapshots and metrics")
     run.add_argument("--disable-patches", help="comma list of patches to skip")
+    run.add_argument("--retainers", action="store_true",
+                     help="write the retainers of suspected leaks into the snapshot files (CONNWATCH_RETAINERS)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS")
     run.set_defaults(func=main)

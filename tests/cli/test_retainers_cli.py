@@ -12,7 +12,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -23,10 +23,17 @@ from tests.conftest import REPO, Server, clean_env
 class Leaker:
     """sockapp.py in ``leak`` mode: a new loopback connection every 0.1 s, kept in ``held``."""
 
-    def __init__(self, folder: Path, port: int, **env: str) -> None:
-        full = clean_env(CONNWATCH_ENABLED="1", CONNWATCH_DIR=str(folder), CONNWATCH_SNAPSHOT_INTERVAL="0.2", **env)
-        self.proc = subprocess.Popen([sys.executable, str(APP), "leak", str(port)], env=full,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __init__(self, folder: Path, port: int, *, run: Optional[List[str]] = None, **env: str) -> None:
+        """With ``run``, started as ``connwatch run RUN -- python sockapp.py leak PORT`` (it execs)."""
+        app = [sys.executable, str(APP), "leak", str(port)]
+        if run is None:
+            full = clean_env(CONNWATCH_ENABLED="1", CONNWATCH_DIR=str(folder), CONNWATCH_SNAPSHOT_INTERVAL="0.2", **env)
+            cmd = app
+        else:
+            full = clean_env(**env)
+            cmd = [sys.executable, "-m", "connwatch", "run", "--dir", str(folder), "--interval", "0.2", *run,
+                   "--", *app]
+        self.proc = subprocess.Popen(cmd, env=full, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         assert self.proc.stdout.readline().strip() == "ready"
         self.path = folder / f"{os.uname().nodename}-{self.proc.pid}.json"
@@ -47,6 +54,13 @@ class Leaker:
             time.sleep(0.05)
         raise AssertionError(f"no suspected leak within {timeout}s: {json.dumps(last)[:2000]}")
 
+    def finish(self) -> int:
+        """Ask the app to exit normally (it writes its final snapshot); returns the exit code."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("exit\n")
+        self.proc.stdin.flush()
+        return self.proc.wait(timeout=30)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -57,8 +71,8 @@ class Leaker:
 def leakers(tmp_path: Path) -> Iterator[Any]:
     started = []
 
-    def start(folder: Path, port: int, **env: str) -> Leaker:
-        app = Leaker(folder, port, **env)
+    def start(folder: Path, port: int, **kw: Any) -> Leaker:
+        app = Leaker(folder, port, **kw)
         started.append(app)
         return app
 
@@ -89,6 +103,16 @@ def test_setting_adds_retainers_of_suspected_leaks_and_report_prints_them(
     assert out.returncode == 0, out.stderr
     assert re.search(r"held by: __main__\.held \(list\) \[\d+\]", out.stdout), out.stdout
     assert re.search(r"retainers: searched [\d,]+ objects in \d+ ms", out.stdout), out.stdout
+    # The final snapshot at exit has them too.
+    assert app.finish() == 0
+    final = json.loads(app.path.read_text())
+    assert final["final"] is True and _leaky_row(final).get("retainers"), _leaky_row(final)
+
+
+def test_connwatch_run_retainers_flag(leakers: Any, tcp_server: Server, tmp_path: Path) -> None:
+    app = leakers(tmp_path / "run", tcp_server.port, run=["--retainers"])
+    row = _leaky_row(app.wait_for_suspect())
+    assert row["retainers"] and all(p.startswith("__main__.held (list) [") for p in row["retainers"]), row
 
 
 def test_without_the_setting_no_retainers_are_written(leakers: Any, tcp_server: Server, tmp_path: Path) -> None:

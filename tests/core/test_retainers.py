@@ -197,6 +197,43 @@ def test_attributes_slots_and_a_suspended_generator(agent: Any, tcp_server: Serv
         SESSIONS.pop("gen").close()
 
 
+def park_by_secret_keys(tcp_server: Server) -> None:
+    a = socket.create_connection(tcp_server.address, timeout=5)
+    b = socket.create_connection(tcp_server.address, timeout=5)
+    CLIENTS["tokens"] = [{"9f8e7d6c5b4a39281706f5e4d3c2b1a0": a, "https://user:hunter2@api.example.com/v1": b}]
+
+
+def test_secret_looking_keys_are_not_shown(agent: Any, tcp_server: Server, clean: Any) -> None:
+    park_by_secret_keys(tcp_server)
+    try:
+        snap = agent.snapshot(retainers=True)
+        paths = [p for s in snap.statistics() if s.site is not None and s.site.function == "park_by_secret_keys"
+                 for p in s.retainers or ()]
+        text = " ".join(paths)
+        assert f"{__name__}.CLIENTS (dict) ['tokens'] -> (list) [0] -> (dict) [<str len 32>]" in paths, paths
+        assert "['https://***@api.example.com/v1']" in text, paths
+        assert "9f8e7d6c" not in text and "hunter2" not in text
+    finally:
+        for s in CLIENTS.pop("tokens")[0].values():
+            s.close()
+
+
+def park_in_a_big_dict(tcp_server: Server) -> None:
+    # More members than one batch takes (8,192): expanded, and its holder found, a slice at a time.
+    big: Dict[int, List[Any]] = {i: [i] for i in range(20_000)}
+    big[19_999].append(socket.create_connection(tcp_server.address, timeout=5))
+    CLIENTS["big"] = [big]
+
+
+def test_a_client_deep_in_a_big_container(agent: Any, tcp_server: Server) -> None:
+    park_in_a_big_dict(tcp_server)
+    try:
+        stat = stat_of(agent.snapshot(retainers=True), "park_in_a_big_dict")
+        assert stat.retainers == (f"{__name__}.CLIENTS (dict) ['big'] -> (list) [0] -> (dict) [19999] -> (list) [1]",)
+    finally:
+        CLIENTS.pop("big")[0][19_999][1].close()
+
+
 def test_two_holders_two_paths(agent: Any, tcp_server: Server, clean: Any) -> None:
     park_in_list("a", tcp_server)
     Pool.conns.append(CLIENTS["a"][3])
