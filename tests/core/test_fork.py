@@ -17,7 +17,11 @@ pid = os.fork()
 if pid == 0:
     MINE = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]  # line 7: child's
     KEEP[0].close()
-    time.sleep(1.0)  # the child's writer thread writes its own file meanwhile
+    import connwatch  # the child's writer thread writes its own file meanwhile
+    end = time.monotonic() + 10
+    while not os.path.exists(connwatch.snapshot_path()) and time.monotonic() < end:
+        time.sleep(0.02)
+    time.sleep(0.6)  # and again after the close above (every 0.2 s)
     os._exit(0)
 os.waitpid(pid, 0)
 print(pid)
