@@ -41,6 +41,14 @@ platform.python_implementation())' 2>/dev/null)" = "$v CPython" ]; then
   done
 }
 
+# pip PYTHON ARGS...: pip without the warnings about the machine's missing local index folders.
+pip() {
+  local py=$1 out rc=0; shift
+  out=$("$py" -m pip "$@" 2>&1) || rc=$?
+  printf '%s\n' "$out" | grep -v "^WARNING: Location '.*' is ignored" || true
+  return $rc
+}
+
 # run_version 3.X PYTHON LOG: venv, install, build, both test passes; output to LOG.
 run_version() {
   local v=$1 py=$2 venv=".venv-$1"
@@ -48,9 +56,9 @@ run_version() {
   local t0=$SECONDS
   echo "== $v: $py ($("$py" -c 'import platform; print(platform.python_version())'))"
   [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q ".[test]"
-  "$venv/bin/python" -m pip install -q --no-deps --force-reinstall .
+  pip "$venv/bin/python" install -q --upgrade pip
+  pip "$venv/bin/python" install -q ".[test]"
+  pip "$venv/bin/python" install -q --no-deps --force-reinstall .
   "$venv/bin/python" hatch_build.py --inplace
   # the C extension this version loads, from the checkout (the tests) and from site-packages
   # (subprocesses started outside it)
@@ -81,9 +89,10 @@ declare -A PIDS=()
 wait_one() {
   local v=${ran[0]}
   ran=("${ran[@]:1}")
-  if wait "${PIDS[$v]}"; then echo "== $v: green"; else failed+=("$v"); fi
+  local rc=0
+  wait "${PIDS[$v]}" || rc=$?
   cat "$LOGS/$v.log"
-  [[ " ${failed[*]} " == *" $v "* ]] && echo "== $v: FAILED" || true
+  if [ "$rc" -eq 0 ]; then echo "== $v: green"; else failed+=("$v"); echo "== $v: FAILED"; fi
 }
 for v in "${VERSIONS[@]}"; do
   if [ "$v" = "$MAIN_MINOR" ]; then echo "== $v: the main venv's version (scripts/test.sh tests it)"; continue; fi
