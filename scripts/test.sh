@@ -85,6 +85,11 @@ if [ "$#" -eq 0 ]; then
   CONNWATCH_PURE_PYTHON=1 .venv/bin/python -m pytest -q tests/core tests/patches tests/reliability \
     --ignore=tests/core/test_packaging.py
 fi
+# The core, patch and reliability tests again on every other CPython 3.9-3.13 (C and pure Python;
+# each version in its own .venv-3.X, two at a time): in CI all must be there and green.
+if [ "$#" -eq 0 ]; then
+  echo "== other CPython versions"; MAIN_PYTHON=.venv/bin/python bash scripts/test_versions.sh
+fi
 # The benchmark is not a test: a quick run only shows it still runs (timings are not checked).
 if [ "$#" -eq 0 ]; then
   echo "== benchmark (quick)"; .venv/bin/python benchmarks/run.py --quick > /dev/null

@@ -1,19 +1,25 @@
-"""Run the test suites of urllib3 and requests with the agent on and off; the same tests must pass.
+"""Run the test suites of urllib3, requests, httpx and aiohttp with the agent on and off; the
+same tests must pass.
 
-    python tests/compat/run_compat.py [--venv .venv-compat] [--keep] [--only urllib3|requests]
+    python tests/compat/run_compat.py [--venv .venv-compat] [--keep] [--only urllib3|requests|httpx|aiohttp]
 
-Steps: fetch the source distributions of the urllib3 and requests versions installed in the
-project's venv (``pip download --no-binary :all:``), build a separate venv with their test
-requirements, the two packages from those sources and this checkout (its wheel, so the
-``connwatch.pth`` hook is installed); run each suite twice with the same selection, once with
-``CONNWATCH_ENABLED=1`` and once without, each with a JUnit report; compare the outcomes per
-test. Tests that pass without the agent and fail with it are re-run (both ways, twice) to tell
-flaky tests from real breakage. Exit status 1 when any test still fails only with the agent.
+Steps: fetch the source distributions of the versions installed in the project's venv
+(``pip download --no-binary :all:``), build separate venvs with their test requirements, the
+packages from those sources and this checkout (its wheel, so the ``connwatch.pth`` hook is
+installed); run each suite twice with the same selection, once with ``CONNWATCH_ENABLED=1`` and
+once without, each with a JUnit report; compare the outcomes per test. Tests that pass without
+the agent and fail with it are re-run (both ways, twice) to tell flaky tests from real breakage.
+Exit status 1 when any test still fails only with the agent.
 
-Only loopback and the package registry are reachable in CI: urllib3's tests that need the
-Internet are deselected with its own ``requires_network`` marker; requests' tests run against
-local pytest-httpbin servers (a test that reaches the Internet fails both ways, so compares
-equal).
+urllib3, requests and httpx share one venv (``--venv``); aiohttp has its own (``<venv>-aiohttp``):
+its test requirements bring pytest plugins (xdist, codspeed, mock) and pins the others do not
+run with. aiohttp is built from its sdist with its C extensions (as its wheels have them), and
+its suite runs on two pytest-xdist workers (the machines have two cores).
+
+Only loopback and the package registry are reachable in CI: urllib3's and httpx's tests that
+need the Internet are deselected with their own markers (``requires_network``, ``network``);
+requests' tests run against local pytest-httpbin servers (a test that reaches the Internet fails
+both ways, so compares equal); aiohttp's deselections are in :data:`AIOHTTP_DESELECT`.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,16 +37,38 @@ import time
 import xml.etree.ElementTree as ET
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_PER_TEST = "60"
 SUITE_DEADLINE_S = 300
 
-# suite -> (source folder inside the sdist, pytest arguments); the same arguments both ways
-SUITES: Dict[str, List[str]] = {
-    "urllib3": ["test", "-m", "not requires_network and not integration"],
-    "requests": ["tests"],
+
+class Suite(NamedTuple):
+    """One project's own test suite, run from its sdist."""
+
+    venv: str  # "" for the shared venv, else the suffix of its own
+    options: List[str]  # pytest options for every run of it (the suite's and the re-runs)
+    selection: List[str]  # what the suite's run selects (the same both ways)
+    deadline_s: int  # one run is killed after this
+    extras: str = ""  # pip extras of the package installed from its source
+
+
+# aiohttp's tests left out, the same both ways: none needs more than loopback (its proxy tests
+# use a local proxy.py and a mocked resolver); these are the ones that are flaky on their own.
+AIOHTTP_DESELECT: List[str] = []
+AIOHTTP_MARKS = "not dev_mode and not autobahn and not internal"  # its own pytest.ini default
+
+SUITES: Dict[str, Suite] = {
+    "urllib3": Suite("", [], ["test", "-m", "not requires_network and not integration"], 300, "[socks]"),
+    "requests": Suite("", [], ["tests"], 300, "[socks]"),
+    "httpx": Suite("", [], ["tests", "-m", "not network"], 300, "[brotli,cli,http2,socks,zstd]"),
+    # its pytest.ini's addopts (coverage, doctest-modules, xdist auto) replaced by what we run;
+    # JUnit output without the captured logs of every passing test
+    "aiohttp": Suite("aiohttp", ["-o", "addopts=", "-o", "junit_logging=no", "-o", "junit_log_passing_tests=false",
+                                 "--strict-markers"],
+                     ["-n", "2", "-m", AIOHTTP_MARKS, "tests", *[f"--deselect={t}" for t in AIOHTTP_DESELECT]],
+                     1500),
 }
 # Test requirements not named in the sdists in a form pip reads (urllib3 keeps them in a PEP 735
 # dependency group, requests in a requirements file with an editable self-install).
@@ -47,6 +76,14 @@ URLLIB3_FALLBACK = ["anyio[trio]>=4.8.0", "h2>=4.1.0", "httpx>=0.28.1", "hyperco
                     "pytest>=8.3.4", "pytest-socket>=0.7.0", "pytest-timeout>=2.3.1", "quart>=0.20.0",
                     "quart-trio>=0.12.0", "trio>=0.27.0"]
 EXTRA = ["trustme", "cryptography", "idna", "pyopenssl", "pytest-timeout", "wrapt", "psutil"]
+# httpx's sdist names no test requirements (its repository's requirements.txt does): these, with
+# the extras it is installed with (chardet pinned as there: its encoding guesses are what the tests expect).
+HTTPX_TEST_REQUIREMENTS = ["pytest", "trio", "trustme", "uvicorn", "cryptography", "chardet==5.2.0", "anyio",
+                           "brotli", "click", "pygments", "rich", "h2", "socksio", "zstandard", "httpcore"]
+# Lines of aiohttp's requirements/*.in it does not need here: the coverage plugin (addopts are
+# replaced; coverage itself stays: its pytest.ini names a coverage warning class), type checking,
+# the autobahn suite (deselected by its marker), a build-time helper.
+AIOHTTP_SKIPPED = {"pytest-cov", "mypy", "python-on-whales", "setuptools-git"}
 
 Outcome = str  # passed | failed | skipped
 
@@ -80,8 +117,42 @@ def requests_test_requirements(src: Path) -> List[str]:
     return out or ["pytest", "pytest-httpbin", "httpbin", "trustme"]
 
 
-def build_venv(venv: Path, work: Path, only: Optional[str]) -> Dict[str, Path]:
-    versions = {"urllib3": installed_version("urllib3"), "requests": installed_version("requests")}
+def httpx_test_requirements(src: Path) -> List[str]:
+    return list(HTTPX_TEST_REQUIREMENTS)
+
+
+def aiohttp_test_requirements(src: Path) -> List[str]:
+    """requirements/test-common.in and base.in (with the files they include), unpinned."""
+    out: List[str] = []
+    seen = set()
+
+    def read(path: Path) -> None:
+        if path in seen or not path.exists():
+            return
+        seen.add(path)
+        for line in path.read_text().splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line.startswith("-r "):
+                read(path.parent / line[3:].strip())
+            elif line and not line.startswith(("#", "-")):
+                name = re.split(r"[\s;\[<>=!~]", line, maxsplit=1)[0]
+                if name.lower() not in AIOHTTP_SKIPPED:
+                    out.append(line)
+
+    for f in ("test-common.in", "base.in"):
+        read(src / "requirements" / f)
+    return out
+
+
+REQUIREMENTS: Dict[str, Callable[[Path], List[str]]] = {
+    "urllib3": urllib3_test_requirements, "requests": requests_test_requirements,
+    "httpx": httpx_test_requirements, "aiohttp": aiohttp_test_requirements,
+}
+
+
+def fetch_sources(work: Path, names: List[str]) -> Dict[str, Path]:
+    """The sdists of the versions installed in this venv, extracted into ``work``."""
+    versions = {n: installed_version(n) for n in names}
     dl = work / "sdists"
     dl.mkdir(parents=True, exist_ok=True)
     sh([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps", "-d", str(dl),
@@ -92,21 +163,37 @@ def build_venv(venv: Path, work: Path, only: Optional[str]) -> Dict[str, Path]:
         with tarfile.open(archive) as tar:
             tar.extractall(work)  # the registry's own sdist of a pinned version
         srcs[name] = work / f"{name}-{version}"
+    return srcs
+
+
+def build_venv(venv: Path, srcs: Dict[str, Path]) -> None:
+    """``venv`` with the test requirements of the suites ``srcs``, their packages from source."""
     if not (venv / "bin" / "python").exists():
         sh([sys.executable, "-m", "venv", str(venv)])
     py = str(venv / "bin" / "python")
-    reqs = urllib3_test_requirements(srcs["urllib3"]) + requests_test_requirements(srcs["requests"]) + EXTRA
+    sh([py, "-m", "pip", "install", "-q", "--upgrade", "pip"])
+    reqs = [r for name, src in srcs.items() for r in REQUIREMENTS[name](src)] + EXTRA
     sh([py, "-m", "pip", "install", "-q", *reqs])
     # The packages under test from their sources (non-editable), then this checkout's wheel
     # (with its connwatch.pth): none of them replaced by a dependency resolution later.
-    sh([py, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(srcs["urllib3"]),
-        str(srcs["requests"]) + "[socks]"])
+    sh([py, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall",
+        *[str(src) + SUITES[name].extras for name, src in srcs.items()]])
     sh([py, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(REPO)])
-    return {k: v for k, v in srcs.items() if only in (None, k)}
+    for name, src in srcs.items():
+        if (src / name / "__init__.py").exists():
+            # A package at the top of its sdist would be imported from there (``python -m pytest``
+            # puts the folder first on sys.path) instead of the build just installed (aiohttp's
+            # C extensions): set aside.
+            (src / name).rename(src / f"{name}.source")
+
+
+def venv_of(base: Path, name: str) -> Path:
+    suffix = SUITES[name].venv
+    return base.with_name(f"{base.name}-{suffix}") if suffix else base
 
 
 def run_suite(venv: Path, src: Path, args: List[str], agent: bool, report: Path, snaps: Path,
-              extra: Tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+              extra: Tuple[str, ...] = (), deadline_s: int = SUITE_DEADLINE_S) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONNWATCH_", "OTEL_", "PYTEST_"))}
     env.pop("PYTHONPATH", None)
     if agent:
@@ -124,12 +211,12 @@ def run_suite(venv: Path, src: Path, args: List[str], agent: bool, report: Path,
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=src, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
         try:
-            code = proc.wait(SUITE_DEADLINE_S)
+            code = proc.wait(deadline_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             code = proc.wait()
-            print(f"   (killed after {SUITE_DEADLINE_S} s: hung at exit)" if report.exists()
-                  else f"   (killed after {SUITE_DEADLINE_S} s)", flush=True)
+            print(f"   (killed after {deadline_s} s: hung at exit)" if report.exists()
+                  else f"   (killed after {deadline_s} s)", flush=True)
     text = log.read_text(errors="replace").replace("\0", "")
     return subprocess.CompletedProcess(cmd, code, text, "")
 
@@ -166,14 +253,22 @@ def main() -> int:
     work = Path(opts.work) if opts.work else Path(tempfile.mkdtemp(prefix="connwatch-compat-"))
     t0 = time.monotonic()
     broken: List[str] = []
+    names = [opts.only] if opts.only else list(SUITES)
     try:
-        srcs = build_venv(Path(opts.venv), work, opts.only)
+        srcs = fetch_sources(work, names)
+        for venv in dict.fromkeys(venv_of(Path(opts.venv), n) for n in names):
+            t1 = time.monotonic()
+            build_venv(venv, {n: s for n, s in srcs.items() if venv_of(Path(opts.venv), n) == venv})
+            print(f"   {venv.name} set up in {time.monotonic() - t1:.0f} s", flush=True)
         for name, src in srcs.items():
-            args = SUITES[name]
+            suite = SUITES[name]
+            venv = venv_of(Path(opts.venv), name)
             res: Dict[bool, Dict[str, Outcome]] = {}
+            t1 = time.monotonic()
             for agent in (False, True):
                 report = work / f"{name}-{'on' if agent else 'off'}.xml"
-                proc = run_suite(Path(opts.venv), src, args, agent, report, work / f"snapshots-{name}")
+                proc = run_suite(venv, src, suite.options + suite.selection, agent, report,
+                                 work / f"snapshots-{name}", deadline_s=suite.deadline_s)
                 last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "(no output)"
                 # Not a bare pytest summary line: CI reads the last one as this project's own result.
                 print(f"   {name} suite with the agent {'on' if agent else 'off'} ended with <{last}>", flush=True)
@@ -187,13 +282,14 @@ def main() -> int:
             off, on = res[False], res[True]
             suspects = sorted(t for t, r in off.items() if r == "passed" and on.get(t) not in ("passed", None))
             missing = sorted(set(off) - set(on))
-            confirmed = confirm(Path(opts.venv), src, suspects, work, name) if suspects else []
+            confirmed = confirm(venv, src, suspects, work, name) if suspects else []
             print(f"== {name} {srcs[name].name.rsplit('-', 1)[1]}: without the agent {fmt(count(off))}; "
                   f"with CONNWATCH_ENABLED=1 {fmt(count(on))}; passing only without the agent: {len(suspects)} "
                   f"({len(suspects) - len(confirmed)} flaky on re-run), missing with the agent: {len(missing)}",
                   flush=True)
             snaps = sorted(glob.glob(str(work / f"snapshots-{name}" / "*.json")))
-            print(f"   snapshot files written by the agent during the run: {len(snaps)}", flush=True)
+            print(f"   snapshot files written by the agent during the run: {len(snaps)}; "
+                  f"{name} took {time.monotonic() - t1:.0f} s", flush=True)
             broken += [f"{name}: {t}" for t in confirmed] + [f"{name}: not run with the agent: {t}" for t in missing]
     finally:
         if not opts.keep and not opts.work:
@@ -225,7 +321,7 @@ def confirm(venv: Path, src: Path, suspects: List[str], work: Path, name: str) -
         for _ in range(2):
             for agent in (False, True):
                 report = work / f"{name}-rerun.xml"
-                run_suite(venv, src, [node], agent, report, work / "snapshots-rerun")
+                run_suite(venv, src, [*SUITES[name].options, node], agent, report, work / "snapshots-rerun")
                 result = outcomes(report).get(test) if report.exists() else None
                 if result == "passed":
                     if agent:

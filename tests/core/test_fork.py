@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from tests.conftest import run_py
@@ -16,7 +17,11 @@ pid = os.fork()
 if pid == 0:
     MINE = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]  # line 7: child's
     KEEP[0].close()
-    time.sleep(1.0)  # the child's writer thread writes its own file meanwhile
+    import connwatch  # the child's writer thread writes its own file meanwhile
+    end = time.monotonic() + 10
+    while not os.path.exists(connwatch.snapshot_path()) and time.monotonic() < end:
+        time.sleep(0.02)
+    time.sleep(0.6)  # and again after the close above (every 0.2 s)
     os._exit(0)
 os.waitpid(pid, 0)
 print(pid)
@@ -95,3 +100,37 @@ def test_fork_while_threads_use_the_registry_never_deadlocks(tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines() == ["hung 0"], proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+WARN_APP = '''\
+import os, socket, sys, threading, time, warnings
+srv = socket.create_server(("127.0.0.1", 0))
+KEEP = socket.create_connection(srv.getsockname())
+if sys.argv[1] == "app-thread":
+    threading.Thread(target=time.sleep, args=(5,), daemon=True).start()
+before = len(warnings.filters)
+print(threading.active_count())
+for _ in range(3):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if len(warnings.filters) == before else 3)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), len(warnings.filters) - before)
+'''
+
+
+def test_a_fork_warns_of_threads_only_when_the_app_has_some(tmp_path: Path) -> None:
+    # CPython 3.12+ warns at a fork in a multi-threaded process: the agent's writer thread alone
+    # must not make an app that forks from its only thread see that warning (nor leave a filter
+    # behind, in the parent or the child); a thread of the app's own still does.
+    (tmp_path / "app.py").write_text(WARN_APP)
+    for mode, threads in (("no-thread", 2), ("app-thread", 3)):
+        proc = run_py([str(tmp_path / "app.py"), mode], CONNWATCH_ENABLED="1",
+                      CONNWATCH_DIR=str(tmp_path / "s"), CONNWATCH_SNAPSHOT_INTERVAL="0.2")
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert lines[0] == str(threads), proc.stdout  # the agent's writer thread is running
+        assert lines[1:] == ["0 0"] * 3, proc.stdout  # no filter left behind, parent or child
+        if mode == "no-thread":
+            assert proc.stderr == ""
+        else:
+            assert ("is multi-threaded" in proc.stderr) == (sys.version_info >= (3, 12)), proc.stderr

@@ -4,6 +4,8 @@ disabled hook imports nothing of ours."""
 from __future__ import annotations
 
 import json
+import os
+import pkgutil
 import sys
 
 from tests.conftest import run_py
@@ -12,7 +14,17 @@ CORE = ["connwatch", "connwatch._callsite", "connwatch._registry", "connwatch._s
         "connwatch._limits", "connwatch._upstream", "connwatch._config", "connwatch._forksafe", "connwatch._fds",
         "connwatch._log", "connwatch._importhook", "connwatch.bootstrap", "connwatch._retainers",
         "connwatch._canary", "connwatch._promsource"]
-STDLIB = set(sys.stdlib_module_names)
+
+
+def _stdlib() -> set:
+    if hasattr(sys, "stdlib_module_names"):  # 3.10+
+        return set(sys.stdlib_module_names)
+    # 3.9: the modules in the standard library's folders, and those built into the interpreter
+    folders = [os.path.dirname(os.__file__), *(p for p in sys.path if p.endswith("lib-dynload"))]
+    return {m.name for m in pkgutil.iter_modules(folders)} | set(sys.builtin_module_names)
+
+
+STDLIB = _stdlib()
 
 
 def test_core_imports_no_third_party_package() -> None:

@@ -68,8 +68,11 @@ async def main():
 
 if sys.argv[1] == "uvloop":
     import uvloop
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main())
+    loop = uvloop.new_event_loop()  # (asyncio.Runner's loop_factory is 3.11+)
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
 else:
     asyncio.run(main())
 '''

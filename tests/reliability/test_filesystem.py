@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List
+from typing import Callable, Iterator, List, Optional
 
 import pytest
 
@@ -60,9 +60,21 @@ class App:
         _out, err = self.proc.communicate(timeout=60)
         return self.proc.returncode, err
 
-    def snapshot(self) -> dict:
-        (path,) = [p for p in self.folder.glob("*.json")]
-        return json.loads(path.read_text())  # type: ignore[no-any-return]
+    def snapshot(self, until: Optional[Callable[[dict], bool]] = None) -> dict:
+        """The snapshot file; with ``until``, the first one it holds for (or the last one after
+        10 s). A loaded machine may take a while to write the first (its imports)."""
+        deadline = time.monotonic() + 10
+        while True:
+            found = list(self.folder.glob("*.json"))
+            data = json.loads(found[0].read_text()) if len(found) == 1 else None
+            if (data is not None and (until is None or until(data))) or time.monotonic() > deadline:
+                assert len(found) == 1, f"one snapshot file expected: {found}"
+                return data  # type: ignore[return-value]
+            time.sleep(0.02)
+
+    def leaks(self, live: int) -> Callable[[dict], bool]:
+        """``until`` for :meth:`snapshot`: the leak line's (live, created, closed) is (live, live, 0)."""
+        return lambda data: totals(data, self.path, self.marks["leak"]) == (live, live, 0)
 
 
 def _check_quiet(err: str, warnings: int = 1) -> None:
@@ -75,12 +87,12 @@ def test_folder_removed_at_run_time_is_made_again(tmp_path: Path) -> None:
     app = App(tmp_path, folder)
     try:
         assert app.step(3) == 3
-        assert app.snapshot()["totals"]["live"] >= 3
+        assert app.snapshot(app.leaks(3))["totals"]["live"] >= 3
         remove_tree(folder)
         assert app.step(2) == 5  # the app goes on
+        assert totals(app.snapshot(app.leaks(5)), app.path, app.marks["leak"]) == (5, 5, 0)
         assert folder.is_dir(), "the agent makes its folder again"
         assert folder.stat().st_mode & 0o777 == 0o700
-        assert totals(app.snapshot(), app.path, app.marks["leak"]) == (5, 5, 0)
     finally:
         code, err = app.finish()
     assert code == 0
@@ -88,13 +100,16 @@ def test_folder_removed_at_run_time_is_made_again(tmp_path: Path) -> None:
 
 
 FSIZE_APP = '''\
-import json, os, resource, signal, socket, sys
+import glob, json, os, resource, signal, socket, sys, time
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the app's own choice: EFBIG instead of a signal
 import connwatch
 srv = socket.create_server(("127.0.0.1", 0), backlog=512)
 ADDR = srv.getsockname()
 keep = [socket.create_connection(ADDR)]  # MARK:first
-connwatch.snapshot_path() and __import__("time").sleep(0.3)  # a few small files get written
+deadline = time.monotonic() + 10
+while not glob.glob(os.path.join(os.environ["CONNWATCH_DIR"], "*.json")) and time.monotonic() < deadline:
+    time.sleep(0.02)  # a small file gets written
+time.sleep(0.1)  # and a few more
 limit = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 # Many call sites: the snapshot grows past the limit; the app's own small writes still fit.
@@ -108,7 +123,7 @@ try:
         f.write("y" * (limit + 1))
 except OSError as e:
     errors.append(e.errno)
-__import__("time").sleep(0.3)
+time.sleep(1.0)  # the agent tries to write the grown snapshot (every 0.05 s) and fails
 print(json.dumps({"live": len(keep), "errors": errors}), flush=True)
 '''
 
@@ -159,7 +174,7 @@ def test_disk_full_on_a_small_tmpfs(tmp_path: Path, small_tmpfs: Path) -> None:
     app = App(tmp_path, folder)
     try:
         assert app.step(2) == 2
-        good = app.snapshot()
+        good = app.snapshot(app.leaks(2))
         # Fill the disk: the agent's next writes fail (ENOSPC) and must leave no partial file.
         filler = small_tmpfs / "filler"
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -176,7 +191,7 @@ def test_disk_full_on_a_small_tmpfs(tmp_path: Path, small_tmpfs: Path) -> None:
         assert totals(now[0], app.path, app.marks["leak"])[0] in (2, 5)  # whole, old or new
         filler.unlink()  # space again: the writes resume
         assert app.step(1) == 6
-        assert totals(app.snapshot(), app.path, app.marks["leak"]) == (6, 6, 0)
+        assert totals(app.snapshot(app.leaks(6)), app.path, app.marks["leak"]) == (6, 6, 0)
         assert good["pid"] == app.snapshot()["pid"]
     finally:
         code, err = app.finish()
@@ -190,6 +205,7 @@ def test_folder_remounted_read_only_at_run_time(tmp_path: Path, small_tmpfs: Pat
     ro = False
     try:
         assert app.step(2) == 2
+        app.snapshot(app.leaks(2))  # written before the remount
         r = subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], capture_output=True, text=True)
         if r.returncode != 0:
             pytest.skip(f"cannot remount read-only: {r.stderr.strip()}")
@@ -200,7 +216,7 @@ def test_folder_remounted_read_only_at_run_time(tmp_path: Path, small_tmpfs: Pat
         subprocess.run(["mount", "-o", "remount,rw", str(small_tmpfs)], check=True)
         ro = False
         assert app.step(1) == 6
-        assert totals(app.snapshot(), app.path, app.marks["leak"]) == (6, 6, 0)
+        assert totals(app.snapshot(app.leaks(6)), app.path, app.marks["leak"]) == (6, 6, 0)
     finally:
         if ro:
             subprocess.run(["mount", "-o", "remount,rw", str(small_tmpfs)], capture_output=True)
