@@ -368,11 +368,15 @@ def _wrap_create_server(original: Callable[..., Any], unix: bool) -> Callable[..
         site: Any = None
         sock: Any = None
         try:
-            if armed.on and args:
+            if armed.on and (args or "protocol_factory" in kwargs):
                 site = find(2)
                 if site is not None:
-                    factory = _Factory(args[0])
-                    args = (factory, *args[1:])
+                    if args:
+                        factory = _Factory(args[0])
+                        args = (factory, *args[1:])
+                    else:
+                        factory = _Factory(kwargs["protocol_factory"])
+                        kwargs = {**kwargs, "protocol_factory": factory}
                     sock = kwargs.get("sock")
         except Exception:
             internal_error(where)

@@ -329,6 +329,9 @@ def _scenario(run: Callable[[Any], Any], tmp_path: Path) -> List[Tuple[Any, ...]
         s.setblocking(False)
         await asyncio.get_running_loop().sock_connect(s, ("127.0.0.1", port))
         sr, sw = await asyncio.open_connection(sock=s)
+        ls = socket.socket()  # SAME-LSOCK
+        ls.bind(("127.0.0.1", 0))
+        ssrv = await asyncio.start_server(_echo, sock=ls)  # asyncio makes it a listener: so does uvloop
         for _ in range(5):
             await asyncio.sleep(0.01)
         snaps.append(connwatch.snapshot())
@@ -337,6 +340,7 @@ def _scenario(run: Callable[[Any], Any], tmp_path: Path) -> List[Tuple[Any, ...]
             await w.wait_closed()
         srv.close()
         usrv.close()
+        ssrv.close()
         await srv.wait_closed()
         for _ in range(5):
             await asyncio.sleep(0.01)
@@ -371,6 +375,7 @@ def test_kinds_and_roles_equal_those_of_the_same_program_under_asyncio(tmp_path:
     assert during[("listener", _line("SAME-ULISTEN"))] == 1
     assert during[("client", _line("SAME-UCONNECT"))] == 1
     assert during[("client", _line("SAME-SOCK"))] == 1
+    assert during[("listener", _line("SAME-LSOCK"))] == 1
     assert during[("accepted", _line("SAME-RUN"))] == 4  # 2 TCP clients left, 1 Unix, 1 sock=
     assert all(r[2] == 0 for r in plain[1])
 
@@ -395,7 +400,7 @@ def test_unpatch_restores_exactly_and_patch_is_idempotent() -> None:
             uvloop_loop.patch(uvloop)
 
 
-def test_patched_when_uvloop_is_imported_after_the_agent_starts() -> None:
+def test_patched_when_uvloop_is_imported_after_the_agent_starts(tmp_path: Path) -> None:
     code = (
         "import sys, connwatch\n"
         "connwatch.enable(snapshot_interval=0, dir=sys.argv[1])\n"
@@ -405,7 +410,7 @@ def test_patched_when_uvloop_is_imported_after_the_agent_starts() -> None:
         "connwatch.disable()\n"
         "print('create_connection' in uvloop.Loop.__dict__)\n"
     )
-    proc = run_py(["-c", code, "/tmp/connwatch-uvloop-test"], timeout=60)
+    proc = run_py(["-c", code, str(tmp_path)], timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "False"]
 
