@@ -34,11 +34,13 @@ counted. Triggered by the import of ``uvloop``; connwatch never imports it.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import sys
 import threading
 import weakref
+from types import FunctionType
 
 from .. import _callsite, _limits, _log, _registry
 from .._upstream import upstream_of
@@ -139,38 +141,95 @@ def _give_back(fd: int, obj: Any) -> None:
 
 
 # --- releases --------------------------------------------------------------------------------
+# uvloop's transports cannot be patched, but call their protocol's connection_lost when they
+# close (and connection_made when an accepted one is set up). The protocol's *class* gets a
+# wrapper of each, once per class (restored by unpatch); what a given protocol instance should
+# release or track is kept in a side table keyed by its id, checked against a weak reference
+# and dropped when the protocol is collected. (A hook in each instance's __dict__ instead costs
+# ~4 times as much per connection: it gives up CPython's inline attribute values of the object.)
 
-def _hook_lost(protocol: Any, obj: Any, fd: int, count: bool = True) -> bool:
-    """Make ``protocol.connection_lost`` release ``obj`` (held weakly when it can be, else
-    strongly: the stand-in lives as long as the protocol's hook) and give back its descriptor.
-    False if ``protocol`` has no instance dictionary to hold the hook."""
-    d = getattr(protocol, "__dict__", None)
-    if not isinstance(d, dict):
-        return False
-    own = d.get("connection_lost", _MISSING)
-    original = protocol.connection_lost
-    held: Any = obj if type(obj) is _Conn else weakref.ref(obj)
-    release, internal_error = _registry.release, _log.internal_error
+# id(protocol) -> (weakref to it, the tracked object or a weakref to it, descriptor, count it)
+_lost: Dict[int, Tuple[Any, Any, int, bool]] = {}
+# id(protocol) -> (weakref to it, call site) of an accepted connection's protocol, until made
+_made: Dict[int, Tuple[Any, Any]] = {}
+# (protocol class, "connection_lost"/"connection_made") -> (its own attribute, our wrapper)
+_classes: Dict[Tuple[type, str], Tuple[Any, Any]] = {}
 
-    def connection_lost(exc: Any) -> Any:
+
+def _lookup(cls: type, name: str) -> Any:
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            return klass.__dict__[name]
+    return _MISSING
+
+
+def _class_hook(cls: type, name: str, after: Callable[[Any, Any], None]) -> bool:
+    """Make ``cls.<name>(self, arg)`` call ``after(self, arg)`` once the original returned or
+    raised (inherited from a wrapped class: nothing to do). False if it cannot be wrapped."""
+    key = (cls, name)
+    if key in _classes:
+        return True
+    raw = _lookup(cls, name)
+    if getattr(raw, "__connwatch_patch__", False):
+        return True  # inherited from a class we wrapped: that wrapper runs
+    if type(raw) is not FunctionType:
+        return False  # a C method, staticmethod, property...: not ours to stand in for
+    internal_error = _log.internal_error
+
+    @functools.wraps(raw)
+    def wrapper(self: Any, arg: Any) -> Any:
         try:
-            return original(exc)
+            return raw(self, arg)
         finally:
             try:
-                target = held if type(held) is _Conn else held()
-                if target is not None:
-                    _give_back(fd, target)
-                    if count:
-                        release(target)
-                if d.get("connection_lost") is connection_lost:  # unhook: no cycle left behind
-                    if own is _MISSING:
-                        del d["connection_lost"]
-                    else:
-                        d["connection_lost"] = own
+                after(self, arg)
             except Exception:
-                internal_error("uvloop connection_lost")
+                internal_error(f"uvloop {name}")
 
-    d["connection_lost"] = connection_lost
+    wrapper.__connwatch_patch__ = True  # type: ignore[attr-defined]
+    own = cls.__dict__.get(name, _MISSING)
+    try:
+        setattr(cls, name, wrapper)
+    except Exception:
+        return False  # an immutable (extension) type
+    _classes[key] = (own, wrapper)
+    return True
+
+
+def _entry_ref(protocol: Any, table: Dict[int, Any]) -> Any:
+    """A weak reference to ``protocol`` that drops its entry of ``table`` when it is collected."""
+    key = id(protocol)
+
+    def gone(ref: Any) -> None:
+        entry = table.get(key)
+        if entry is not None and entry[0] is ref:
+            del table[key]
+
+    return weakref.ref(protocol, gone)
+
+
+def _after_lost(protocol: Any, exc: Any) -> None:
+    entry = _lost.pop(id(protocol), None)
+    if entry is None:
+        return
+    pref, held, fd, count = entry
+    if pref() is not protocol:
+        _lost[id(protocol)] = entry  # another object's (ids are reused): not this one's
+        return
+    target = held if type(held) is _Conn else held()
+    if target is not None:
+        _give_back(fd, target)
+        if count:
+            _registry.release(target)
+
+
+def _hook_lost(protocol: Any, obj: Any, fd: int, count: bool = True) -> bool:
+    """Make ``protocol``'s connection_lost release ``obj`` (held weakly when it can be, else
+    strongly until then: a stand-in) and give back its descriptor. False if it cannot be."""
+    if type(protocol).__weakrefoffset__ == 0 or not _class_hook(type(protocol), "connection_lost", _after_lost):
+        return False
+    held: Any = obj if type(obj) is _Conn else weakref.ref(obj)
+    _lost[id(protocol)] = (_entry_ref(protocol, _lost), held, fd, count)
     return True
 
 
@@ -186,21 +245,19 @@ def _tracked_object(transport: Any) -> Any:
 def _track_transport(transport: Any, protocol: Any, site: Any, role: str, upstream: Optional[str],
                      reservation: Any = None) -> None:
     obj = _tracked_object(transport)
-    if type(obj) is _Conn and not isinstance(getattr(protocol, "__dict__", None), dict):
-        # Neither weakly referenceable nor hookable: a record nothing could ever release.
-        _log.warn_once(f"uvloop:untrackable:{type(protocol).__qualname__}",
-                       "uvloop: %s connections with protocol %s are not counted (the transport cannot be "
-                       "weakly referenced and the protocol has no __dict__)", role, type(protocol).__qualname__)
-        if reservation is not None:
-            _registry.unreserve(reservation)
-        return
-    _registry.track(obj, KIND, site, role, upstream, reservation)
     fd = _fd_of(transport)
-    _lend(fd, obj)
     if not _hook_lost(protocol, obj, fd):
-        _log.warn_once(f"uvloop:nohook:{type(protocol).__qualname__}",
-                       "uvloop: protocol %s has no __dict__: its connections are released only when collected",
-                       type(protocol).__qualname__)
+        name = type(protocol).__qualname__
+        if type(obj) is _Conn:  # neither weakly referenceable nor hookable: nothing could release it
+            _log.warn_once(f"uvloop:untrackable:{name}", "uvloop: %s connections with protocol %s are not "
+                           "counted (its connection_lost cannot be wrapped)", role, name)
+            if reservation is not None:
+                _registry.unreserve(reservation)
+            return
+        _log.warn_once(f"uvloop:nohook:{name}", "uvloop: the connection_lost of protocol %s cannot be wrapped: "
+                       "its connections are released only when collected", name)
+    _registry.track(obj, KIND, site, role, upstream, reservation)
+    _lend(fd, obj)
 
 
 # --- accepted connections and listeners ------------------------------------------------------
@@ -236,32 +293,23 @@ class _Factory:
             pass  # interpreter shutdown: the registry may be gone
 
 
-def _hook_made(protocol: Any, site: Any) -> None:
-    d = getattr(protocol, "__dict__", None)
-    if not isinstance(d, dict):
-        _log.warn_once(f"uvloop:nohook:{type(protocol).__qualname__}",
-                       "uvloop: protocol %s has no __dict__: its accepted connections are not counted",
-                       type(protocol).__qualname__)
+def _after_made(protocol: Any, transport: Any) -> None:
+    entry = _made.pop(id(protocol), None)
+    if entry is None:
         return
-    own = d.get("connection_made", _MISSING)
-    original = protocol.connection_made
-    internal_error = _log.internal_error
+    if entry[0]() is not protocol:
+        _made[id(protocol)] = entry
+        return
+    _track_transport(transport, protocol, entry[1], "accepted", None)
 
-    def connection_made(transport: Any) -> Any:
-        try:
-            return original(transport)
-        finally:
-            try:
-                if d.get("connection_made") is connection_made:
-                    if own is _MISSING:
-                        del d["connection_made"]
-                    else:
-                        d["connection_made"] = own
-                _track_transport(transport, protocol, site, "accepted", None)
-            except Exception:
-                internal_error("uvloop connection_made")
 
-    d["connection_made"] = connection_made
+def _hook_made(protocol: Any, site: Any) -> None:
+    if type(protocol).__weakrefoffset__ == 0 or not _class_hook(type(protocol), "connection_made", _after_made):
+        name = type(protocol).__qualname__
+        _log.warn_once(f"uvloop:nomade:{name}", "uvloop: the connection_made of protocol %s cannot be wrapped: "
+                       "its accepted connections are not counted", name)
+        return
+    _made[id(protocol)] = (_entry_ref(protocol, _made), site)
 
 
 # --- the wrappers ----------------------------------------------------------------------------
@@ -277,7 +325,7 @@ def _connected(result: Any, site: Any, checked: Optional[str], requested: Option
     cap; the connection is then aborted."""
     transport, protocol = result
     upstream = requested
-    if not unix:
+    if checked is None and not unix:  # a host name: the peer's address (an IP literal is the peer's)
         try:
             peer = _uvloop_agent.extra_info(transport, "peername")
             if peer:
@@ -431,8 +479,6 @@ def patch(module: Any = None) -> None:
                 continue
             wrapper = make(original)
             try:
-                import functools
-
                 functools.update_wrapper(wrapper, original)
             except Exception:
                 pass
@@ -460,3 +506,11 @@ def unpatch() -> None:
                 setattr(owner, name, own)
         _installed.clear()
         _owner = None
+        for (cls, name), (own, wrapper) in list(_classes.items()):
+            if cls.__dict__.get(name, _MISSING) is not wrapper:
+                continue  # re-wrapped by someone else since: left alone
+            if own is _MISSING:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, own)
+        _classes.clear()
