@@ -38,7 +38,7 @@ import time
 import warnings
 from typing import Any, Callable, Dict, List, Tuple
 
-from _work import DEPTH, deep, make_op
+from _work import DEPTH, deep, make_op, per_call
 
 Switch = Tuple[Callable[[], None], Callable[[], None]]
 
@@ -104,7 +104,8 @@ def switches(config: str, folder: str) -> Switch:
 
 _MISSING = object()
 # Where the agent puts its wrappers for the benchmark's workloads (imported by make_op first).
-_PATCHED_MODULES = ("socket", "requests.sessions", "urllib3.poolmanager", "urllib3.connectionpool", "grpc._channel")
+_PATCHED_MODULES = ("socket", "requests.sessions", "urllib3.poolmanager", "urllib3.connectionpool", "grpc._channel",
+                    "uvloop")
 
 
 def _class_dicts() -> Dict[Any, Dict[str, Any]]:
@@ -138,6 +139,7 @@ def main() -> None:
     deep_stack = workload.endswith("@40")
     thread_ns, wall_ns = time.thread_time_ns, time.perf_counter_ns
 
+    per = per_call(workload)  # operations per call of op (K counts calls)
     settle = max(1, k // 10)
 
     def batch() -> Tuple[float, float]:
@@ -155,7 +157,7 @@ def main() -> None:
             deep(DEPTH, loop)
         else:
             loop()
-        return out[0] / k / 1e3, out[1] / k / 1e3
+        return out[0] / (k * per) / 1e3, out[1] / (k * per) / 1e3
 
     for _ in range(max(2, pairs // 20)):  # warm-up, both ways
         on()

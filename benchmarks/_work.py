@@ -5,7 +5,8 @@
 CONFIG is how this interpreter was started (``none``, ``connwatch``, ``tracemalloc``,
 ``otel``); for ``otel`` this process installs the OpenTelemetry requests/urllib3/grpc
 instrumentation with an SDK TracerProvider (spans recorded, not exported). Prints the median
-microseconds per operation over a few batches of N/5 operations, after a warm-up, twice:
+microseconds per operation over a few batches of N/5 operations (the uvloop workload runs
+``UVLOOP_PER_RUN`` connections per loop run, see there), after a warm-up, twice:
 this process's CPU time (user + system: what the agent costs the app, without the server's
 share and the scheduler's noise) and wall time.
 """
@@ -19,6 +20,14 @@ import time
 from typing import Callable, List
 
 DEPTH = 40
+# Connections per loop run in the uvloop workload: each run_until_complete() of a uvloop loop on
+# the main thread makes and closes a socketpair (its signal wake-up), which is not the workload.
+UVLOOP_PER_RUN = 10
+
+
+def per_call(workload: str) -> int:
+    """Operations one call of ``make_op(workload)`` performs (times are reported per operation)."""
+    return UVLOOP_PER_RUN if workload.startswith("uvloop") else 1
 
 
 def deep(depth: int, fn: Callable[[], None]) -> None:
@@ -39,6 +48,22 @@ def make_op(workload: str, target: str) -> Callable[[], None]:
     elif workload.startswith("connect"):
         def op() -> None:
             socket.create_connection(addr).close()
+    elif workload.startswith("uvloop"):  # open_connection + close on a uvloop loop (libuv's socket)
+        import asyncio
+
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(loop)
+
+        async def connect_close() -> None:
+            for _ in range(UVLOOP_PER_RUN):
+                _reader, writer = await asyncio.open_connection(host, int(port))
+                writer.close()
+                await writer.wait_closed()
+
+        def op() -> None:
+            loop.run_until_complete(connect_close())
     elif workload.startswith("requests.Session"):  # the agent's whole work on a requests call
         import requests
 
@@ -84,7 +109,8 @@ def main() -> None:
         GrpcInstrumentorClient().instrument()
     op = make_op(workload, target)
     deep_stack = workload.endswith("@40")
-    batch = max(1, n // 5)
+    per = per_call(workload)
+    batch = max(1, n // 5 // per)
 
     def run(count: int) -> tuple[float, float]:
         def loop() -> None:
@@ -95,7 +121,7 @@ def main() -> None:
             deep(DEPTH, loop)
         else:
             loop()
-        return (time.process_time() - c0) / count, (time.perf_counter() - t0) / count
+        return (time.process_time() - c0) / (count * per), (time.perf_counter() - t0) / (count * per)
 
     run(max(1, batch // 2))  # warm-up: imports, caches, first call sites
     samples: List[tuple[float, float]] = [run(batch) for _ in range(5)]

@@ -12,7 +12,8 @@ ratio to the no-agent run of the same round set:
   tracemalloc  CPython's own leak finder: -X tracemalloc=16 -W always::ResourceWarning
   otel         OpenTelemetry requests/urllib3/grpc instrumentation, SDK TracerProvider
 
-Workloads: socket()+close; loopback TCP connect+close; an HTTP request on a new connection
+Workloads: socket()+close; loopback TCP connect+close (and asyncio.open_connection+close on a
+uvloop loop, whose socket libuv opens; 10 per loop run); an HTTP request on a new connection
 through requests; grpc channel create + one unary call + close; socket()+close and the grpc
 workload at a 40-frame user stack. Then each tool's own cost on the calling thread, in one
 interpreter per workload and tool switching it on and off between batches (``_toggle.py``, with
@@ -54,6 +55,7 @@ WORKLOADS: Dict[str, Tuple[int, int, Tuple[str, ...]]] = {
     "socket()+close": (50000, 2000, ("none", *AGENTS, "tracemalloc")),
     "socket()+close@40": (50000, 2000, ("none", *AGENTS, "tracemalloc")),
     "connect+close (loopback TCP)": (5000, 300, ("none", *AGENTS, "tracemalloc")),
+    "uvloop connect+close": (3000, 200, ("none", *AGENTS, "tracemalloc")),
     "requests.get, new connection": (1500, 100, CONFIGS),
     "grpc channel+call+close": (500, 50, CONFIGS),
     "grpc channel+call+close@40": (500, 50, CONFIGS),
@@ -127,6 +129,7 @@ TOGGLE: Dict[str, Tuple[int, int]] = {
     "socket()+close": (200, 600),
     "socket()+close@40": (200, 600),
     "connect+close (loopback TCP)": (40, 600),
+    "uvloop connect+close": (2, 600),  # K loop runs of 10 connections each
     "requests.get, new connection": (2, 1500),
     "grpc channel+call+close": (2, 1500),
     "grpc channel+call+close@40": (2, 1500),
@@ -195,6 +198,7 @@ def toggled(quick: bool, workloads: Optional[Dict[str, Tuple[int, int]]] = None)
 # workload -> (ops in the short run, ops in the long run) for the instruction counts
 INSTR_OPS: Dict[str, Tuple[int, int]] = {
     "socket()+close": (1000, 6000), "socket()+close@40": (1000, 6000), "connect+close (loopback TCP)": (500, 2500),
+    "uvloop connect+close": (300, 1500),
     "requests.get, new connection": (100, 400), "grpc channel+call+close": (100, 400),
     "grpc channel+call+close@40": (100, 400),
 }

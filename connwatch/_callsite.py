@@ -128,6 +128,9 @@ _overflow = CallSite(OVERFLOW_FILE, 0, OVERFLOW_FILE, False, ())
 # Threads the agent runs (exporters, and the SDK threads they start): a stack with no user
 # frame on one of these threads is the agent's own work and is not counted.
 _agent_threads: set = set()
+# Code files of the agent (outside exporters/) whose frames mean "the agent's own work": a patch
+# running library code whose sockets the patch accounts for itself (see mark_agent_code).
+_agent_files: set = set()
 
 
 def register_agent_thread(ident: Optional[int] = None) -> None:
@@ -138,6 +141,15 @@ def register_agent_thread(ident: Optional[int] = None) -> None:
 def unregister_agent_thread(ident: Optional[int] = None) -> None:
     """Forget a thread registered with :func:`register_agent_thread`."""
     _agent_threads.discard(threading.get_ident() if ident is None else ident)
+
+
+def mark_agent_code(filename: str) -> None:
+    """Classify frames of ``filename`` (a connwatch module's ``co_filename``) as the agent's own:
+    objects made while such a frame is the first non-library one on the stack are not counted."""
+    _agent_files.add(filename)
+    _kinds.pop(filename, None)
+    if _clear_caches is not None:
+        _clear_caches()
 
 
 def configure(library_paths: Tuple[str, ...] = (), app_paths: Tuple[str, ...] = (),
@@ -162,6 +174,8 @@ def classify(filename: str) -> int:
 
 def _classify(filename: str) -> int:
     st = _state
+    if filename in _agent_files:
+        return AGENT
     if filename.startswith("<"):
         # "<frozen importlib._bootstrap>" is the import system; "<string>", "<stdin>" are user code.
         return STDLIB if filename.startswith("<frozen") else USER

@@ -3,8 +3,10 @@
 What counts: outbound client objects (grpc channels, HTTP pools and sessions) and client
 sockets (those that connect). Listeners, accepted sockets and socket pairs never count.
 Where a refusal happens: client objects at construction, sockets at ``connect`` (the first
-moment a socket's role is known); in raise mode the check runs *before* the original, so a
-refused client spends no descriptor and opens no connection. Checks reserve their slot
+moment a socket's role is known), uvloop's connections when ``create_connection`` starts (for a
+host name, its per-upstream cap once libuv has resolved and connected it: that connection is
+aborted); in raise mode the check runs *before* the original, so a refused client spends no
+descriptor and opens no connection. Checks reserve their slot
 atomically in the registry, so racing threads never let more than the limit through.
 """
 
@@ -119,8 +121,22 @@ def check(kind: str, site: CallSite, upstream: Optional[str]) -> Optional[_regis
     p = _policy
     if p is None:
         return None
+    return _check(p, kind, site, upstream, p.cap, p.per_callsite, p.per_upstream)
+
+
+def check_upstream(kind: str, site: CallSite, upstream: Optional[str]) -> Optional[_registry.Reservation]:
+    """:func:`check` for the per-upstream cap alone: for a client whose upstream is known only
+    once it is connected (a host name resolved inside a library's C code, as uvloop's)."""
+    p = _policy
+    if p is None or p.per_upstream is None or upstream is None:
+        return None
+    return _check(p, kind, site, upstream, None, None, p.per_upstream)
+
+
+def _check(p: _Policy, kind: str, site: CallSite, upstream: Optional[str], cap: Optional[int],
+           per_callsite: Optional[int], per_upstream: Optional[int]) -> Optional[_registry.Reservation]:
     hold = p.mode == "raise"
-    hit = _registry.reserve(site, upstream, p.cap, p.per_callsite, p.per_upstream, hold=hold)
+    hit = _registry.reserve(site, upstream, cap, per_callsite, per_upstream, hold=hold)
     if hit is None:
         return (site, upstream) if hold else None
     which, limit, current = hit

@@ -26,6 +26,7 @@ PATCHES: Dict[str, Tuple[str, str]] = {
     "httpx": ("httpx", "connwatch.patches.httpx_client"),
     "aiohttp": ("aiohttp", "connwatch.patches.aiohttp_session"),
     "gevent": ("gevent._socket3", "connwatch.patches.gevent_socket"),  # gevent's socket class
+    "uvloop": ("uvloop", "connwatch.patches.uvloop_loop"),  # libuv's own connections
 }
 
 _installed: Dict[str, Callable[[ModuleType], None]] = {}

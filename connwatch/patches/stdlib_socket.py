@@ -50,6 +50,12 @@ _originals: Dict[Tuple[int, str], Any] = {}
 _tls = threading.local()
 _OK_CONNECT_EX = frozenset({0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, errno.EISCONN})
 
+# Descriptors owned by an object counted on its own (a uvloop transport or listener, see
+# uvloop_loop) -> a weak reference to that object. A socket built on one of them with no role
+# hint is a view of it (uvloop's PseudoSocket methods build one per call, then detach it): not
+# counted. Empty unless uvloop is patched; read only on the descriptor path below.
+borrowed: Dict[int, Any] = {}
+
 # The cap check before connect: reads the cap policy, returns a reservation or None, and
 # raises ClientCapExceeded in raise mode. With no cap set it is skipped (one attribute read).
 before_connect: Callable[[Any, Any], Any] = _limits.socket_connect_check
@@ -88,6 +94,7 @@ def _make_wrappers(orig: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     track, release, set_role, transfer = _registry.track, _registry.release, _registry.set_role, _registry.transfer
     is_tracked = _registry.is_tracked
     find = _callsite.find
+    owned = borrowed
     tls = _tls
     internal_error = _log.internal_error
 
@@ -97,6 +104,8 @@ def _make_wrappers(orig: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         if hint is not None:
             role, upstream = hint
         else:
+            if owned and self.fileno() in owned:
+                return  # a view of a descriptor that is counted already
             role, upstream = _inspect(self)
             # Candidate for an ownership hand-over: if the socket that owns this descriptor
             # is detached next (ssl.SSLSocket._create does exactly that), we take its record.

@@ -1,5 +1,6 @@
 """asyncio and uvloop: counts right at the coroutine lines, no file I/O of the agent on the
-event loop's thread, the loop not starved; uvloop's own connections are a documented limit."""
+event loop's thread, the loop not starved; uvloop's own connections (libuv's) counted as
+asyncio's are."""
 
 from __future__ import annotations
 
@@ -107,18 +108,17 @@ def test_asyncio_counts_and_the_loop_does_no_agent_file_io(tmp_path: Path) -> No
     assert out["ticks"] / out["elapsed"] > plain["ticks"] / plain["elapsed"] / 4, (out, plain)
 
 
-def test_uvloop_counts_python_sockets_and_not_its_own_connections(tmp_path: Path) -> None:
+def test_uvloop_counts_its_own_connections_and_python_sockets(tmp_path: Path) -> None:
     pytest.importorskip("uvloop")
     path, marks, folder, out = _run(tmp_path, "uvloop", True)
     assert out["loop"].startswith("uvloop")
     assert out["made"] == {"loop": 1200, "sock": 1200}
     assert out["loop_io"] == []
     (data,) = snapshot_files(folder).values()
-    # Sockets the app makes and hands to the loop (sock=) are counted and released.
+    # Sockets the app makes and hands to the loop (sock=) are counted and released once.
     assert totals(data, path, marks["sock"], "socket") == (0, 1200, 1200)
-    # Documented limit: connections uvloop opens itself (libuv, in C) have no Python socket
-    # object, so they are not counted at all. If this changes, update README "Limits".
-    assert totals(data, path, marks["loop"]) == (0, 0, 0)
-    assert totals(data, path, marks["kept"]) == (0, 0, 0)
+    # Connections uvloop opens itself (libuv, in C) are counted as asyncio's are.
+    assert totals(data, path, marks["loop"], "socket") == (0, 1200, 1200)
+    assert totals(data, path, marks["kept"], "socket") == (0, 4, 4)
     _, _, _, plain = _run(tmp_path, "uvloop", False)
     assert out["ticks"] / out["elapsed"] > plain["ticks"] / plain["elapsed"] / 4, (out, plain)
