@@ -242,3 +242,17 @@ def test_lifetimes_are_taken_at_release_not_when_events_are_applied() -> None:
     time.sleep(0.2)
     assert sum(rec()[8]) == 10 and rec()[5] == 1
     assert sum(rec()[8][:8]) == 7
+
+
+def test_lifetime_buckets_match_their_bounds() -> None:
+    """The inline bucketing (pure Python hot path) agrees with the bounds the readers use."""
+    import random
+
+    rng = random.Random(7)
+    lives = [0.0, 1e-9, 5e-4, 6.1e-4, 6.2e-4, 9.99, 10.0, 10.01, 20.0, 5119.0, 5121.0, 1e7]
+    lives += [10.0 * 2.0 ** rng.uniform(-18, 12) for _ in range(2000)]
+    for life in lives:
+        i = _registry.life_bucket(life)
+        low, high = _registry.life_bucket_bounds(i)
+        assert 0 <= i < _registry.LIFE_BUCKETS and low * (1 - 1e-12) <= life < high * (1 + 1e-12), (life, i, low, high)
+    assert _registry.life_bucket(10.0) == _registry.LIFE_AT_10S
