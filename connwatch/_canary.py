@@ -275,6 +275,15 @@ def _judge_new(c: _Side, th: Thresholds) -> Tuple[str, str]:
     if live > th.max_new:
         return FAIL, (f"new in the canary with {_g(live)} live clients per process "
                       f"(more than --max-new {_g(th.max_new)})")
+    created = _mean(c.created) if c.created else 0.0
+    if c.churning and c.churning / c.n >= th.leak_share and created > th.min_churn:
+        # Closed clients hold nothing, but a client built per call is a handshake per call for
+        # the upstream: the seed's first remedy (one shared client) is what the canary broke.
+        return FAIL, (f"new in the canary and builds a client per call: {_g(created)} created/min per process, "
+                      f"churning in {c.churning} of {c.n} processes (more than --min-churn {_g(th.min_churn)})")
+    if c.churning:
+        return MARGINAL, (f"new in the canary; builds short-lived clients in {c.churning} of {c.n} processes "
+                          f"({_g(created)} created/min per process)")
     if c.steady:
         return MARGINAL, (f"new in the canary; grows steadily in {c.steady} of {c.n} processes "
                           f"({_g(growth)}/min per process)")

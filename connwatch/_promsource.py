@@ -11,6 +11,12 @@ match each selector, and turns them into the judge's per-process readings (``_ca
   passes the agent's own leak rule (``_leaks.assess``);
 * clients created per minute: the increase of ``connwatch_clients_created_total`` over the
   window (counter resets counted as restarts, as Prometheus' ``increase`` does);
+* churning (a client built per call): over the window the site made at least
+  ``_leaks.CHURN_MIN_CREATED`` clients at ``CHURN_MIN_RATE``/min or more, and of the clients it
+  released then (created minus the rise in live), ``CHURN_MIN_RELEASED`` or more and at least half
+  were short-lived (``connwatch_clients_short_lived_total``: released within 10 s): the snapshot's
+  rule, with "median lifetime under 10 s" read as "half or more released within 10 s". Agents
+  without that series leave it unknown;
 * fd utilisation: the last value of ``connwatch_fd_utilization``.
 
 Clients released by the garbage collector are not exported: that measure is judged only from
@@ -188,17 +194,25 @@ def read_group(url: str, match: str, window_s: float, step_s: float, end: Option
     live = query_range(url, f"sum by ({by}) (connwatch_clients_live{{{inner}}})", start, end, step_s, timeout)
     created = query_range(url, f"sum by ({by}) (connwatch_clients_created_total{{{inner}}})", start, end,
                           step_s, timeout)
+    short = query_range(url, f"sum by ({by}) (connwatch_clients_short_lived_total{{{inner}}})", start, end,
+                        step_s, timeout)
     fds = query_range(url, f"max by ({', '.join(PROCESS_LABELS)}) (connwatch_fd_utilization{{{inner}}})",
                       start, end, step_s, timeout)
     procs: Dict[str, Dict[SiteKey, Reading]] = {}
     fd_of: Dict[str, float] = {}
-    rates: Dict[Tuple[str, SiteKey], float] = {}
+    rates: Dict[Tuple[str, SiteKey], Tuple[float, float]] = {}  # (created per minute, created)
     for labels, points in created:
         key = _site(labels)
         if key is None or len(points) < 2 or points[-1][0] <= points[0][0]:
             continue
         minutes = (points[-1][0] - points[0][0]) / 60.0
-        rates[(_process(labels), key)] = _increase(points) / minutes
+        made = _increase(points)
+        rates[(_process(labels), key)] = (made / minutes, made)
+    shorts: Dict[Tuple[str, SiteKey], float] = {}
+    for labels, points in short:
+        key = _site(labels)
+        if key is not None and len(points) >= 2:
+            shorts[(_process(labels), key)] = _increase(points)
     for labels, points in live:
         key = _site(labels)
         if key is None or not points:
@@ -209,7 +223,15 @@ def read_group(url: str, match: str, window_s: float, step_s: float, end: Option
             counts = [(t, round(v)) for t, v in points]  # live counts are whole numbers
             growth = _leaks.slope(counts) * 60.0
             steady = _leaks.assess(_spread(counts, _leaks.WINDOW)).suspected
-        procs.setdefault(name, {})[key] = Reading(points[-1][1], growth, steady, rates.get((name, key)))
+        rate = rates.get((name, key))
+        churning = None
+        if rate is not None and (name, key) in shorts:
+            released = rate[1] - (points[-1][1] - points[0][1])  # made, less the rise in live
+            quick = shorts[(name, key)]
+            churning = (rate[1] >= _leaks.CHURN_MIN_CREATED and rate[0] >= _leaks.CHURN_MIN_RATE
+                        and quick >= _leaks.CHURN_MIN_RELEASED and 2 * quick >= released)
+        procs.setdefault(name, {})[key] = Reading(points[-1][1], growth, steady, None if rate is None else rate[0],
+                                                  churning)
     for labels, points in fds:
         if points:
             name = _process(labels)

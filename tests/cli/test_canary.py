@@ -24,6 +24,7 @@ from .conftest import connwatch_cli, validate
 
 APP = Path(__file__).resolve().parent / "canaryapp.py"
 LINE = next(i for i, ln in enumerate(APP.read_text().splitlines(), 1) if "create_connection" in ln)
+CHURN_LINE = next(i for i, ln in enumerate(APP.read_text().splitlines(), 1) if "create_connection" in ln and i > LINE)
 EVERY = "0.55"  # the canary's leak: one more connection every 0.55 s (the scenario)
 
 
@@ -127,8 +128,8 @@ def _freeze(tmp_path: Path, names: List[str]) -> Dict[str, Path]:
     return out
 
 
-def _site(result: Dict[str, Any]) -> Dict[str, Any]:
-    rows = [s for s in result["sites"] if s["line"] == LINE and s["file"] == str(APP)]
+def _site(result: Dict[str, Any], line: int = LINE) -> Dict[str, Any]:
+    rows = [s for s in result["sites"] if s["line"] == line and s["file"] == str(APP)]
     assert len(rows) == 1, result["sites"]
     return rows[0]
 
@@ -142,7 +143,7 @@ def _judge(*args: str) -> Any:
 
 
 GROUPS = {"baseline": ["hold", "12"], "canary": ["slow", "12", EVERY], "plusone": ["hold", "13"],
-          "double": ["hold", "24"]}
+          "double": ["hold", "24"], "churner": ["churn", "12", "0.05"]}
 
 
 def _start_groups(fleet: Any, port: int, names: List[str], **kw: Any) -> Tuple[Dict[str, List[Agent]], float]:
@@ -273,7 +274,7 @@ def test_prometheus_form_gives_the_same_verdicts(fleet: Any, tcp_server: Any, tm
     from tests.exporters.test_prometheus import require_tool
 
     prom = require_tool("prometheus")
-    names = ["baseline", "canary", "plusone"]
+    names = ["baseline", "canary", "plusone", "churner"]
     ports = {name: [free_port() for _ in range(3)] for name in names}
     prom_port = free_port()
     cfg = tmp_path / "prometheus.yml"
@@ -308,6 +309,17 @@ def test_prometheus_form_gives_the_same_verdicts(fleet: Any, tcp_server: Any, tm
             assert (a["baseline"]["live"], a["canary"]["live"]) == (b["baseline"]["live"], b["canary"]["live"]), both
             assert from_prom["baseline"]["processes"] == from_prom["canary"]["processes"] == 3
             assert from_prom["baseline"]["names"][0].startswith("baseline/127.0.0.1:")
+        # A canary that builds a client per call at a new line (each closed at once): nothing live
+        # there, but the same "client per call" failure from its files and from its series.
+        from_files = _judge(str(folders["baseline"]), str(folders["churner"]))
+        from_prom = _judge(*window, "--baseline", 'job="baseline"', "--canary", 'job="churner"')
+        for result in (from_files, from_prom):
+            site = _site(result, CHURN_LINE)
+            assert result["verdict"] == "fail" and site["verdict"] == "fail", json.dumps(site)
+            assert "builds a client per call" in site["reason"] and site["canary"]["churning"] == 3, json.dumps(site)
+            assert _site(result)["verdict"] == "pass"  # its 12 held clients are the baseline's
+        from_prom = _judge(*window, "--baseline", 'job="baseline"', "--canary", 'job="plusone"')
+        assert _site(from_prom)["canary"]["churning"] == 0
         from_prom = _judge(*window, "--baseline", 'job="baseline"', "--canary", 'job="canary"')
         site = _site(from_prom)
         assert "a slow leak" in site["reason"] and site["canary"]["steady_growth"] == 3, site

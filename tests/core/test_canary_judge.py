@@ -128,6 +128,16 @@ def test_new_and_gone_sites() -> None:
     growing = [Process(f"c{i}", {SITE: Reading(12.0), OTHER: Reading(5.0, 30.0, True)}) for i in range(3)]
     assert "grows steadily" in _site(judge(base, growing), OTHER)["reason"]
     assert judge(base, growing)["verdict"] == "fail"
+    # A new site that builds a client per call and closes it: nothing live, but a handshake per
+    # call for its upstream (the seed's first remedy broken): fails; a few short-lived ones are marginal.
+    def churn(created: float, churning: bool) -> List[Process]:
+        return [Process(f"c{i}", {SITE: Reading(12.0), OTHER: Reading(0.0, 0.0, False, created, churning)})
+                for i in range(3)]
+    site = _site(judge(base, churn(240.0, True)), OTHER)
+    assert site["verdict"] == "fail" and "builds a client per call: 240 created/min" in site["reason"], site
+    assert site["canary"]["churning"] == 3
+    assert _site(judge(base, churn(8.0, True)), OTHER)["verdict"] == "marginal"
+    assert _site(judge(base, churn(240.0, False)), OTHER)["verdict"] == "pass"
     gone = judge(small, base)
     assert _site(gone, OTHER)["verdict"] == "pass" and _site(gone, OTHER)["reason"] == "gone in the canary"
     # A site only some canary processes have: the others count as zero there.
