@@ -14,12 +14,90 @@ from .._snapshot import SnapshotError, read_json
 from ._load import resolve
 from ._render import EXIT_FAIL, EXIT_NO_DATA, EXIT_OK, EXIT_USAGE, PLAIN, Style, err, site_text, use_colour
 
+# Folders of at least this many files are read by worker processes (JSON parsing is most of a
+# canary's time: ~10 ms per file of 1,000 call sites), one per core up to _MAX_WORKERS.
+PARALLEL_MIN_FILES = 32
+_MAX_WORKERS = 8
 
-def load_folder(target: str) -> Tuple[List[_canary.Process], List[str], Optional[str]]:
+
+def _read_one(path: str) -> Tuple[str, Any]:
+    """("ok", (name, [(site key, reading tuple)], fd)) or ("bad", reason): plain tuples, cheap to pickle."""
+    try:
+        proc = _canary.process_from_snapshot(read_json(path, tracebacks=False), source=path)
+    except SnapshotError as e:
+        return "bad", str(e)
+    return "ok", (proc.name, [(k, tuple(r)) for k, r in proc.sites.items()], proc.fd_utilization)
+
+
+def _read_all(paths: List[str], workers: Optional[int] = None) -> List[Tuple[str, Any]]:
+    """Every file's _read_one result, in order; in worker processes for large folders.
+
+    A worker is a fresh interpreter running :func:`_worker` (``python -c``: nothing of this
+    process is forked or re-imported, the agent is off in it), fed paths on stdin, answering with
+    pickled results on stdout. Any failure of a worker falls back to reading here, so the result
+    never depends on them.
+    """
+    if workers is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = min(cores, _MAX_WORKERS)
+    if workers > 1 and len(paths) >= PARALLEL_MIN_FILES:
+        try:
+            return _read_in_workers(paths, workers)
+        except Exception:  # no interpreter to start, a worker that died: read them here
+            pass
+    return [_read_one(path) for path in paths]
+
+
+def _read_in_workers(paths: List[str], workers: int) -> List[Tuple[str, Any]]:
+    import pickle
+    import subprocess
+
+    env = {**os.environ, "CONNWATCH_ENABLED": "0"}
+    pkg = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = pkg + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    shares = [paths[i::workers] for i in range(workers)]
+    procs = [subprocess.Popen([sys.executable, "-c", "from connwatch.cli.canary import _worker; _worker()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+             for _ in shares]
+    try:
+        for proc, share in zip(procs, shares):
+            assert proc.stdin is not None
+            proc.stdin.write("\n".join(share).encode("utf-8", "surrogateescape") + b"\n")
+            proc.stdin.close()
+        parts = []
+        for proc, share in zip(procs, shares):
+            assert proc.stdout is not None
+            part = pickle.loads(proc.stdout.read())  # our own worker's output
+            if proc.wait() != 0 or len(part) != len(share):
+                raise RuntimeError("a canary reader failed")
+            parts.append(part)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    out: List[Tuple[str, Any]] = []
+    for i in range(len(paths)):
+        out.append(parts[i % workers][i // workers])
+    return out
+
+
+def _worker() -> None:
+    """A reader process: paths on stdin (one per line), their pickled _read_one results on stdout."""
+    import pickle
+
+    paths = sys.stdin.buffer.read().decode("utf-8", "surrogateescape").splitlines()
+    sys.stdout.buffer.write(pickle.dumps([_read_one(p) for p in paths], protocol=pickle.HIGHEST_PROTOCOL))
+    sys.stdout.flush()
+
+
+def load_folder(target: str, workers: Optional[int] = None,
+                ) -> Tuple[List[_canary.Process], List[str], Optional[str]]:
     """The processes of a snapshot folder (or file): (processes, skipped files' reasons, error).
 
     The files are read and checked as ``connwatch diff`` and ``report`` read them; unreadable
-    ones are skipped with their reason; none readable is an error.
+    ones are skipped with their reason; none readable is an error. ``workers``: processes that
+    read a large folder (default: one per core, at most 8; 1 reads here).
     """
     if not os.path.exists(target):
         return [], [], f"{target}: no such file or folder"
@@ -28,11 +106,13 @@ def load_folder(target: str) -> Tuple[List[_canary.Process], List[str], Optional
         return [], [], error
     procs: List[_canary.Process] = []
     bad: List[str] = []
-    for path in paths:
-        try:
-            procs.append(_canary.process_from_snapshot(read_json(path, tracebacks=False), source=path))
-        except SnapshotError as e:
-            bad.append(str(e))
+    make = _canary.Reading._make
+    for status, value in _read_all(paths, workers):
+        if status == "ok":
+            name, sites, fd = value
+            procs.append(_canary.Process(name, {k: make(r) for k, r in sites}, fd))
+        else:
+            bad.append(value)
     if not procs:
         return [], bad, "; ".join(bad) or f"{target}: no readable snapshot"
     return procs, bad, None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import pytest
 
@@ -214,3 +214,36 @@ def test_prometheus_reader_pure_parts() -> None:
     assert _promsource._increase([(0, 5.0), (1, 8.0), (2, 2.0), (3, 4.0)]) == 7.0  # a restart at t=2
     spread = _promsource._spread([(float(t), t) for t in range(100)], 8)
     assert len(spread) == 8 and spread[-1] == (99.0, 99) and spread[0][0] < 13
+
+
+def test_large_folders_are_read_by_worker_processes_with_the_same_result(tmp_path: Any, monkeypatch: Any) -> None:
+    """Worker interpreters read a big folder exactly as one process does (order, skipped files),
+    and the agent stays off in them even when the caller's environment enables it."""
+    import json
+
+    from connwatch.cli import canary as cli_canary
+
+    folder = tmp_path / "group"
+    folder.mkdir()
+    for pid in range(1, 41):
+        rows = [{"kind": "socket", "role": "client", "file": f"/srv/m{i}.py", "line": i, "function": "f",
+                 "library": False, "live": pid % 5 + i, "created": 9, "closed": 0, "gc_released": 0,
+                 "oldest_age_s": None, "upstreams": {}, "traceback": [], "suspected_churn": pid % 2 == 0,
+                 "churn": {"created_per_min": float(pid)}} for i in range(30)]
+        data = {"schema": "connwatch.snapshot/1", "pid": pid, "host": "h", "time": 1120.0, "started": 1000.0,
+                "fds": {"open": pid, "limit": 1000}, "totals": {"live": 0, "created": 0, "closed": 0},
+                "callsites": rows}
+        (folder / f"h-{pid}.json").write_text(json.dumps(data))
+    (folder / "h-99.json").write_text("{not json")
+    paths = sorted(str(p) for p in folder.glob("*.json"))
+    agent_dir = tmp_path / "agent"
+    monkeypatch.setenv("CONNWATCH_ENABLED", "1")
+    monkeypatch.setenv("CONNWATCH_DIR", str(agent_dir))
+    here = [cli_canary._read_one(p) for p in paths]
+    assert [s for s, _ in here].count("bad") == 1
+    assert cli_canary._read_in_workers(paths, 3) == here
+    assert not agent_dir.exists() or not list(agent_dir.iterdir())  # no agent ran in the workers
+    one = cli_canary.load_folder(str(folder), workers=1)
+    many = cli_canary.load_folder(str(folder), workers=2)
+    assert one == many and len(one[0]) == 40 and len(one[1]) == 1
+    assert len(paths) >= cli_canary.PARALLEL_MIN_FILES
