@@ -28,7 +28,7 @@ from . import _c
 # typing costs ~5 ms to import at interpreter start; annotations are strings here.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable, Dict, Optional, Tuple
+    from typing import Any, Callable, Dict, List, Optional, Tuple
 
 KIND = "socket"
 _MISSING = object()
@@ -55,6 +55,9 @@ _OK_CONNECT_EX = frozenset({0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALRE
 # hint is a view of it (uvloop's PseudoSocket methods build one per call, then detach it): not
 # counted. Empty unless uvloop is patched; read only on the descriptor path below.
 borrowed: Dict[int, Any] = {}
+# Called before ``borrowed`` is read: a lender that looks its descriptors up only when a view
+# could need them (uvloop_loop._lend_pending) adds them to ``borrowed`` then.
+lenders: List[Callable[[], None]] = []
 
 # The cap check before connect: reads the cap policy, returns a reservation or None, and
 # raises ClientCapExceeded in raise mode. With no cap set it is skipped (one attribute read).
@@ -95,6 +98,7 @@ def _make_wrappers(orig: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     is_tracked = _registry.is_tracked
     find = _callsite.find
     owned = borrowed
+    lenders_ = lenders
     tls = _tls
     internal_error = _log.internal_error
 
@@ -104,6 +108,8 @@ def _make_wrappers(orig: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         if hint is not None:
             role, upstream = hint
         else:
+            for lend in lenders_:
+                lend()
             if owned and self.fileno() in owned:
                 return  # a view of a descriptor that is counted already
             role, upstream = _inspect(self)

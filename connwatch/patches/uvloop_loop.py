@@ -112,6 +112,13 @@ def _is_ip(host: Any) -> bool:
 # so such views are not counted. An entry goes when its connection is lost or its object is
 # collected, before libuv closes the descriptor (a listener's goes when its handle is freed,
 # one loop iteration after the close).
+#
+# A connection's descriptor is looked up only when a view could need it: asking the transport
+# for it (get_extra_info("socket")) costs a getsockname() system call and a PseudoSocket per
+# connection, most of the hook's cost. Connections are kept in _unlent until the socket patch
+# meets a socket built on an existing descriptor with no role hint (what a view is), which
+# first calls _lend_pending (registered in stdlib_socket.lenders): every connection still open
+# is then looked up once and lent.
 
 def _fd_of(transport_or_socket: Any) -> int:
     try:
@@ -122,22 +129,53 @@ def _fd_of(transport_or_socket: Any) -> int:
         return -1
 
 
+class _Lent(weakref.ref):
+    """A weak reference to an object whose descriptor is lent, dropping its entry when collected."""
+
+    __slots__ = ("fd",)
+    fd: int
+
+
+def _lent_gone(ref: Any) -> None:
+    borrowed, fd = stdlib_socket.borrowed, ref.fd
+    if borrowed.get(fd) is ref:
+        del borrowed[fd]
+
+
 def _lend(fd: int, obj: Any) -> None:
     if fd < 0:
         return
-    borrowed = stdlib_socket.borrowed
-
-    def gone(ref: Any, fd: int = fd) -> None:
-        if borrowed.get(fd) is ref:
-            del borrowed[fd]
-
-    borrowed[fd] = weakref.ref(obj, gone)
+    ref = _Lent(obj, _lent_gone)
+    ref.fd = fd
+    stdlib_socket.borrowed[fd] = ref
 
 
 def _give_back(fd: int, obj: Any) -> None:
     ref = stdlib_socket.borrowed.get(fd)
     if ref is not None and ref() is obj:
         del stdlib_socket.borrowed[fd]
+
+
+def _lend_pending() -> None:
+    """Look up and lend the descriptors of the connections still in _unlent (each once)."""
+    while _unlent:
+        try:
+            _key, entry = _unlent.popitem()
+        except KeyError:
+            return  # emptied by another thread meanwhile
+        try:
+            transport = entry.held()
+            if transport is None or entry() is None or transport.is_closing():
+                continue  # gone, or closing: libuv closes its descriptor, there is nothing to lend
+            fd = _fd_of(transport)
+            if fd >= 0:
+                entry.fd = fd
+                _lend(fd, transport)
+        except Exception:
+            _log.internal_error("uvloop descriptors")
+
+
+stdlib_socket.lenders.append(_lend_pending)
 
 
 # --- releases --------------------------------------------------------------------------------
@@ -148,12 +186,43 @@ def _give_back(fd: int, obj: Any) -> None:
 # and dropped when the protocol is collected. (A hook in each instance's __dict__ instead costs
 # ~4 times as much per connection: it gives up CPython's inline attribute values of the object.)
 
-# id(protocol) -> (weakref to it, the tracked object or a weakref to it, descriptor, count it)
-_lost: Dict[int, Tuple[Any, Any, int, bool]] = {}
-# id(protocol) -> (weakref to it, call site) of an accepted connection's protocol, until made
-_made: Dict[int, Tuple[Any, Any]] = {}
+class _Entry(weakref.ref):
+    """A weak reference to a protocol, holding what its hooked method should do for it: an entry
+    of _lost or _made (by the protocol's id), dropped when the protocol is collected. One class
+    and one module-level callback: no closure per connection."""
+
+    __slots__ = ("count", "fd", "held", "key")
+    key: int
+    held: Any
+    fd: int
+    count: bool
+
+
+# id(protocol) -> its entry: held is the tracked object (a stand-in) or a weakref to it (the
+# transport), fd its lent descriptor (-1: none lent), count whether it is counted here
+_lost: Dict[int, _Entry] = {}
+# id(protocol) -> the entry (held: the call site) of an accepted connection's protocol, until made
+_made: Dict[int, _Entry] = {}
+# id(protocol) -> its entry of _lost, while its transport's descriptor is not looked up (see above)
+_unlent: Dict[int, _Entry] = {}
 # (protocol class, "connection_lost"/"connection_made") -> (its own attribute, our wrapper)
 _classes: Dict[Tuple[type, str], Tuple[Any, Any]] = {}
+# protocol class -> whether its connection_lost releases (weakly referenceable and wrapped)
+_lost_hookable: Dict[type, bool] = {}
+
+
+def _lost_gone(ref: Any) -> None:
+    key = ref.key
+    if _lost.get(key) is ref:
+        del _lost[key]
+    if _unlent.get(key) is ref:
+        del _unlent[key]
+
+
+def _made_gone(ref: Any) -> None:
+    key = ref.key
+    if _made.get(key) is ref:
+        del _made[key]
 
 
 def _lookup(cls: type, name: str) -> Any:
@@ -196,40 +265,52 @@ def _class_hook(cls: type, name: str, after: Callable[[Any, Any], None]) -> bool
     return True
 
 
-def _entry_ref(protocol: Any, table: Dict[int, Any]) -> Any:
-    """A weak reference to ``protocol`` that drops its entry of ``table`` when it is collected."""
-    key = id(protocol)
-
-    def gone(ref: Any) -> None:
-        entry = table.get(key)
-        if entry is not None and entry[0] is ref:
-            del table[key]
-
-    return weakref.ref(protocol, gone)
-
-
 def _after_lost(protocol: Any, exc: Any) -> None:
-    entry = _lost.pop(id(protocol), None)
+    key = id(protocol)
+    entry = _lost.pop(key, None)
     if entry is None:
         return
-    pref, held, fd, count = entry
-    if pref() is not protocol:
-        _lost[id(protocol)] = entry  # another object's (ids are reused): not this one's
+    if entry() is not protocol:
+        _lost[key] = entry  # another object's (ids are reused): not this one's
         return
+    if _unlent:
+        _unlent.pop(key, None)
+    held = entry.held
     target = held if type(held) is _Conn else held()
     if target is not None:
-        _give_back(fd, target)
-        if count:
+        if entry.fd >= 0:
+            _give_back(entry.fd, target)
+        if entry.count:
             _registry.release(target)
+
+
+def _hookable(cls: type) -> bool:
+    """Whether protocols of ``cls`` can release their connection from connection_lost."""
+    ok = _lost_hookable.get(cls)
+    if ok is None:
+        ok = _lost_hookable[cls] = cls.__weakrefoffset__ != 0 and _class_hook(cls, "connection_lost", _after_lost)
+    return ok
 
 
 def _hook_lost(protocol: Any, obj: Any, fd: int, count: bool = True) -> bool:
     """Make ``protocol``'s connection_lost release ``obj`` (held weakly when it can be, else
-    strongly until then: a stand-in) and give back its descriptor. False if it cannot be."""
-    if type(protocol).__weakrefoffset__ == 0 or not _class_hook(type(protocol), "connection_lost", _after_lost):
+    strongly until then: a stand-in) and give back its descriptor ``fd`` (-2: not looked up yet,
+    see _unlent). False if it cannot be."""
+    if not _hookable(type(protocol)):
         return False
-    held: Any = obj if type(obj) is _Conn else weakref.ref(obj)
-    _lost[id(protocol)] = (_entry_ref(protocol, _lost), held, fd, count)
+    key = id(protocol)
+    entry = _Entry(protocol, _lost_gone)
+    entry.key = key
+    entry.count = count
+    if fd == -2:
+        entry.held = weakref.ref(obj)
+        entry.fd = -1
+        _lost[key] = entry
+        _unlent[key] = entry
+    else:
+        entry.held = obj if type(obj) is _Conn else weakref.ref(obj)
+        entry.fd = fd
+        _lost[key] = entry
     return True
 
 
@@ -245,6 +326,11 @@ def _tracked_object(transport: Any) -> Any:
 def _track_transport(transport: Any, protocol: Any, site: Any, role: str, upstream: Optional[str],
                      reservation: Any = None) -> None:
     obj = _tracked_object(transport)
+    if obj is transport and _hookable(type(protocol)):
+        # the usual case: released by connection_lost, the descriptor looked up only if needed
+        _hook_lost(protocol, obj, -2)
+        _registry.track(obj, KIND, site, role, upstream, reservation)
+        return
     fd = _fd_of(transport)
     if not _hook_lost(protocol, obj, fd):
         name = type(protocol).__qualname__
@@ -294,13 +380,14 @@ class _Factory:
 
 
 def _after_made(protocol: Any, transport: Any) -> None:
-    entry = _made.pop(id(protocol), None)
+    key = id(protocol)
+    entry = _made.pop(key, None)
     if entry is None:
         return
-    if entry[0]() is not protocol:
-        _made[id(protocol)] = entry
+    if entry() is not protocol:
+        _made[key] = entry
         return
-    _track_transport(transport, protocol, entry[1], "accepted", None)
+    _track_transport(transport, protocol, entry.held, "accepted", None)
 
 
 def _hook_made(protocol: Any, site: Any) -> None:
@@ -309,13 +396,30 @@ def _hook_made(protocol: Any, site: Any) -> None:
         _log.warn_once(f"uvloop:nomade:{name}", "uvloop: the connection_made of protocol %s cannot be wrapped: "
                        "its accepted connections are not counted", name)
         return
-    _made[id(protocol)] = (_entry_ref(protocol, _made), site)
+    key = id(protocol)
+    entry = _Entry(protocol, _made_gone)
+    entry.key = key
+    entry.held = site
+    _made[key] = entry
 
 
 # --- the wrappers ----------------------------------------------------------------------------
 
-def _arg(args: Tuple[Any, ...], kwargs: Dict[str, Any], index: int, name: str) -> Any:
-    return args[index] if len(args) > index else kwargs.get(name)
+# (host, port) of create_connection -> (its upstream, the same if host is an IP literal else
+# None: a name, checked once resolved); bounded like _upstream.cache
+_targets: Dict[Tuple[Any, Any], Tuple[Optional[str], Optional[str]]] = {}
+
+
+def _target(host: Any, port: Any) -> Tuple[Optional[str], Optional[str]]:
+    requested = host_port(host, port)
+    out = (requested, requested if _is_ip(host) else None)
+    try:
+        if len(_targets) >= 4096:
+            _targets.clear()
+        _targets[(host, port)] = out
+    except TypeError:
+        pass  # unhashable: formatted every time
+    return out
 
 
 def _connected(result: Any, site: Any, checked: Optional[str], requested: Optional[str], res: Any,
@@ -353,6 +457,7 @@ def _wrap_create_connection(original: Callable[..., Any], unix: bool) -> Callabl
     find, guarded_check, limits = _callsite.find, _limits.guarded_check, _limits
     unreserve, internal_error = _registry.unreserve, _log.internal_error
     where = "uvloop create_unix_connection" if unix else "uvloop create_connection"
+    targets = _targets
 
     async def create_connection(self: Any, *args: Any, **kwargs: Any) -> Any:
         site: Any = None
@@ -361,15 +466,18 @@ def _wrap_create_connection(original: Callable[..., Any], unix: bool) -> Callabl
         try:
             if armed.on and kwargs.get("sock") is None:
                 if unix:
-                    path = _arg(args, kwargs, 1, "path")
+                    path = args[1] if len(args) > 1 else kwargs.get("path")
                     if path is not None:
                         requested = checked = upstream_of(os.fspath(path))
                         site = find(2)
                 else:
-                    host, port = _arg(args, kwargs, 1, "host"), _arg(args, kwargs, 2, "port")
+                    host = args[1] if len(args) > 1 else kwargs.get("host")
+                    port = args[2] if len(args) > 2 else kwargs.get("port")
                     if host is not None or port is not None:
-                        requested = host_port(host, port)
-                        checked = requested if _is_ip(host) else None  # a name: checked once resolved
+                        try:
+                            requested, checked = targets[(host, port)]
+                        except (KeyError, TypeError):
+                            requested, checked = _target(host, port)
                         site = find(2)
         except Exception:
             internal_error(where)
@@ -514,3 +622,4 @@ def unpatch() -> None:
             else:
                 setattr(cls, name, own)
         _classes.clear()
+        _lost_hookable.clear()

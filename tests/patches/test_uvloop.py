@@ -416,11 +416,17 @@ def test_patched_when_uvloop_is_imported_after_the_agent_starts(tmp_path: Path) 
 
 
 def test_borrowed_descriptors_go_with_their_connections(agent: Any) -> None:
-    async def main() -> Tuple[int, int]:
+    async def main() -> Tuple[int, int, int, Any]:
         srv = await asyncio.start_server(_echo, "127.0.0.1", 0)
         port = srv.sockets[0].getsockname()[1]
         conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        for _ in range(3):
+            await asyncio.sleep(0.01)  # the accepted ends are made
+        before = len(stdlib_socket.borrowed)
+        # a view: every connection's descriptor is looked up and lent first, so it is not counted
+        conns[0][1].get_extra_info("socket").getsockname()  # LENT-VIEW
         during = len(stdlib_socket.borrowed)
+        snap = agent.snapshot()
         for _r, w in conns:
             w.close()
             await w.wait_closed()
@@ -428,8 +434,34 @@ def test_borrowed_descriptors_go_with_their_connections(agent: Any) -> None:
         await srv.wait_closed()
         for _ in range(5):
             await asyncio.sleep(0.01)
-        return during, len(stdlib_socket.borrowed)
+        return before, during, len(stdlib_socket.borrowed), snap
 
-    during, after = uvloop.run(main())
+    before, during, after, snap = uvloop.run(main())
+    assert before == 1  # the listener; connections are looked up only when a view could need them
     assert during == 1 + 3 + 3  # the listener, the clients and the accepted ends
     assert after == 0
+    assert [r for r in _rows(snap) if r[1] == _line("LENT-VIEW")] == []
+
+
+def test_a_view_after_its_connection_closed_lends_nothing_stale(agent: Any) -> None:
+    async def main() -> Tuple[int, int]:
+        srv = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        for _r, w in conns:
+            w.close()
+            await w.wait_closed()
+        for _ in range(3):
+            await asyncio.sleep(0.01)
+        s = socket.socket()
+        view = socket.socket(fileno=s.fileno())  # a socket on an existing descriptor: the lenders run
+        view.detach()
+        s.close()
+        during = len(uvloop_loop._unlent), len(stdlib_socket.borrowed)
+        srv.close()
+        await srv.wait_closed()
+        return during
+
+    unlent, borrowed = uvloop.run(main())
+    assert unlent == 0
+    assert borrowed == 1  # only the listener: the closed connections lent nothing
