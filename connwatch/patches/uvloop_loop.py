@@ -234,7 +234,8 @@ def _lookup(cls: type, name: str) -> Any:
 
 def _class_hook(cls: type, name: str, after: Callable[[Any, Any], None]) -> bool:
     """Make ``cls.<name>(self, arg)`` call ``after(self, arg)`` once the original returned or
-    raised (inherited from a wrapped class: nothing to do). False if it cannot be wrapped."""
+    raised (inherited from a wrapped class: nothing to do). False if it cannot be wrapped.
+    connection_lost's wrapper does _after_lost's work inline (every connection passes there)."""
     key = (cls, name)
     if key in _classes:
         return True
@@ -244,18 +245,45 @@ def _class_hook(cls: type, name: str, after: Callable[[Any, Any], None]) -> bool
     if type(raw) is not FunctionType:
         return False  # a C method, staticmethod, property...: not ours to stand in for
     internal_error = _log.internal_error
+    wrapper: Any
 
-    @functools.wraps(raw)
-    def wrapper(self: Any, arg: Any) -> Any:
-        try:
-            return raw(self, arg)
-        finally:
+    if after is _after_lost:
+        lost, unlent, release, give_back, conn = _lost, _unlent, _registry.release, _give_back, _Conn
+
+        @functools.wraps(raw)
+        def wrapper(self: Any, arg: Any) -> Any:
             try:
-                after(self, arg)
-            except Exception:
-                internal_error(f"uvloop {name}")
+                return raw(self, arg)
+            finally:
+                try:  # _after_lost(self, arg), inline
+                    entry = lost.pop(id(self), None)
+                    if entry is not None:
+                        if entry() is not self:
+                            lost[id(self)] = entry  # another object's (ids are reused): not this one's
+                        else:
+                            if unlent:
+                                unlent.pop(id(self), None)
+                            held = entry.held
+                            target = held if type(held) is conn else held()
+                            if target is not None:
+                                if entry.fd >= 0:
+                                    give_back(entry.fd, target)
+                                if entry.count:
+                                    release(target)
+                except Exception:
+                    internal_error(f"uvloop {name}")
+    else:
+        @functools.wraps(raw)
+        def wrapper(self: Any, arg: Any) -> Any:
+            try:
+                return raw(self, arg)
+            finally:
+                try:
+                    after(self, arg)
+                except Exception:
+                    internal_error(f"uvloop {name}")
 
-    wrapper.__connwatch_patch__ = True  # type: ignore[attr-defined]
+    wrapper.__connwatch_patch__ = True
     own = cls.__dict__.get(name, _MISSING)
     try:
         setattr(cls, name, wrapper)
@@ -266,6 +294,7 @@ def _class_hook(cls: type, name: str, after: Callable[[Any, Any], None]) -> bool
 
 
 def _after_lost(protocol: Any, exc: Any) -> None:
+    """What connection_lost's wrapper does (inline there) once the original ran."""
     key = id(protocol)
     entry = _lost.pop(key, None)
     if entry is None:
@@ -325,9 +354,18 @@ def _tracked_object(transport: Any) -> Any:
 
 def _track_transport(transport: Any, protocol: Any, site: Any, role: str, upstream: Optional[str],
                      reservation: Any = None) -> None:
+    if _weakrefable.get(type(transport)) and _lost_hookable.get(type(protocol)):
+        # the usual case (both known from an earlier connection): released by connection_lost,
+        # the descriptor looked up only if a view needs it; _hook_lost(protocol, transport, -2) inline
+        key = id(protocol)
+        entry = _Entry(protocol, _lost_gone)
+        entry.key, entry.held, entry.fd, entry.count = key, weakref.ref(transport), -1, True
+        _lost[key] = entry
+        _unlent[key] = entry
+        _registry.track(transport, KIND, site, role, upstream, reservation)
+        return
     obj = _tracked_object(transport)
     if obj is transport and _hookable(type(protocol)):
-        # the usual case: released by connection_lost, the descriptor looked up only if needed
         _hook_lost(protocol, obj, -2)
         _registry.track(obj, KIND, site, role, upstream, reservation)
         return
@@ -458,6 +496,7 @@ def _wrap_create_connection(original: Callable[..., Any], unix: bool) -> Callabl
     unreserve, internal_error = _registry.unreserve, _log.internal_error
     where = "uvloop create_unix_connection" if unix else "uvloop create_connection"
     targets = _targets
+    track_transport = _track_transport
 
     async def create_connection(self: Any, *args: Any, **kwargs: Any) -> Any:
         site: Any = None
@@ -503,7 +542,10 @@ def _wrap_create_connection(original: Callable[..., Any], unix: bool) -> Callabl
                 unreserve(res)
             raise
         try:
-            _connected(result, site, checked, requested, res, unix)
+            if checked is not None:  # the upstream was known (and checked) before connecting
+                track_transport(result[0], result[1], site, "client", checked, res)
+            else:
+                _connected(result, site, checked, requested, res, unix)
         except _limits.ClientCapExceeded:
             raise
         except Exception:
