@@ -496,14 +496,16 @@ def _wrap_create_connection(original: Callable[..., Any], unix: bool) -> Callabl
     unreserve, internal_error = _registry.unreserve, _log.internal_error
     where = "uvloop create_unix_connection" if unix else "uvloop create_connection"
     targets = _targets
-    track_transport = _track_transport
+    track_transport, track = _track_transport, _registry.track
+    weakrefable, lost_hookable, lost, unlent = _weakrefable, _lost_hookable, _lost, _unlent
+    new_entry, lost_gone, ref = _Entry, _lost_gone, weakref.ref
 
     async def create_connection(self: Any, *args: Any, **kwargs: Any) -> Any:
         site: Any = None
         res: Any = None
         checked = requested = None
         try:
-            if armed.on and kwargs.get("sock") is None:
+            if armed.on and (not kwargs or kwargs.get("sock") is None):
                 if unix:
                     path = args[1] if len(args) > 1 else kwargs.get("path")
                     if path is not None:
@@ -536,14 +538,24 @@ def _wrap_create_connection(original: Callable[..., Any], unix: bool) -> Callabl
         # may raise ClientCapExceeded, before uvloop opens anything
         res = guarded_check(KIND, site, checked) if limits._policy is not None else None
         try:
-            result = await original(self, *args, **kwargs)
+            result = await (original(self, *args, **kwargs) if kwargs else original(self, *args))
         except BaseException:
             if res is not None:
                 unreserve(res)
             raise
         try:
             if checked is not None:  # the upstream was known (and checked) before connecting
-                track_transport(result[0], result[1], site, "client", checked, res)
+                transport, protocol = result
+                if weakrefable.get(type(transport)) and lost_hookable.get(type(protocol)):
+                    # _track_transport's usual case, inline: this is every connection
+                    key = id(protocol)
+                    entry = new_entry(protocol, lost_gone)
+                    entry.key, entry.held, entry.fd, entry.count = key, ref(transport), -1, True
+                    lost[key] = entry
+                    unlent[key] = entry
+                    track(transport, KIND, site, "client", checked, res)
+                else:
+                    track_transport(transport, protocol, site, "client", checked, res)
             else:
                 _connected(result, site, checked, requested, res, unix)
         except _limits.ClientCapExceeded:
