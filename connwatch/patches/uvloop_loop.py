@@ -22,8 +22,9 @@ peer's ``host:port`` (``unix:/path``) as upstream.
   on such a socket makes it a ``listener``, as asyncio's ``listen()`` would.
 
 Releases. uvloop's transports cannot be patched (immutable type) but call their protocol's
-``connection_lost`` when they close: each protocol gets an instance attribute that calls the
-original, then releases (and removes itself). TCP and Unix transports are weak-referenced, so
+``connection_lost`` when they close: the protocol's class gets a wrapper of it (once per class)
+that calls the original, then releases what a side table holds for that protocol instance (see
+"releases" below). TCP and Unix transports are weak-referenced, so
 one that is collected unclosed is released as collected; TLS transports cannot be weakly
 referenced, so a small stand-in held by the protocol's hook is tracked instead. A listener's
 record is held by the protocol factory uvloop keeps on its listening handle: when libuv has
