@@ -473,6 +473,9 @@ def _merge(a: Reading, b: Reading) -> Reading:
                    add(a.gc_released_per_min, b.gc_released_per_min))
 
 
+_new = tuple.__new__
+
+
 def process_from_snapshot(data: Mapping[str, Any], source: str = "<snapshot>") -> Process:
     """The readings of one snapshot file's JSON object; raises SnapshotError when it is not one.
 
@@ -506,7 +509,7 @@ def process_from_snapshot(data: Mapping[str, Any], source: str = "<snapshot>") -
             if isinstance(row.get("suspected_churn"), bool):
                 churning = row["suspected_churn"]
             gc = int(row.get("gc_released") or 0) / uptime_min if uptime_min else None
-            reading = Reading(float(live), growth, steady, created, churning, gc)
+            reading = _new(Reading, (float(live), growth, steady, created, churning, gc))  # no Python __new__
             prev = sites.get(key)
             sites[key] = reading if prev is None else _merge(prev, reading)
     except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -222,6 +222,26 @@ def test_read_json_without_tracebacks_drops_only_the_tracebacks(tmp_path: Any) -
     for r in full["callsites"]:
         r["traceback"] = []
     assert lean == full
-    # A file in another layout (indented, as older versions wrote) is read whole.
+    # Names made of JSON's own punctuation: the quick cut may land inside a string; the result
+    # is still the file less its tracebacks.
+    import random
+
+    rng = random.Random(11)
+    chars = ['"', "\\", "]", "}", "[", "{", ",", ":", "a", " ", "}]", '"}]', "\n"]
+    for _ in range(40):
+        names = ["".join(rng.choice(chars) for _ in range(rng.randint(1, 8))) for _ in range(4)]
+        stats = tuple(
+            _snapshot.Statistic("socket", "client", CallSite(f"/s/{n}.py", i + 1, n, False,
+                                                              ((f"/s/{n}.py", i + 1, n), ("/m.py", 1, names[0]))),
+                                live=i, created=i + 1, closed=1)
+            for i, n in enumerate(names))
+        _snapshot.Snapshot(stats, 1.0, 7, "h", None).dump(str(path))
+        full = _snapshot.read_json(str(path))
+        for r in full["callsites"]:
+            r["traceback"] = []
+        assert _snapshot.read_json(str(path), tracebacks=False) == full, names
+    # A file in another layout (indented, as older versions wrote): parsed whole, then emptied.
     path.write_text(json.dumps(snap.to_dict(), indent=1))
-    assert _snapshot.read_json(str(path), tracebacks=False)["callsites"][0]["traceback"]
+    assert _snapshot.read_json(str(path))["callsites"][0]["traceback"]
+    indented = _snapshot.read_json(str(path), tracebacks=False)
+    assert all(r["traceback"] == [] for r in indented["callsites"]) and indented == lean
