@@ -158,7 +158,9 @@ def test_report_top_and_diff_show_churn_with_advice(apps: Any, tcp_server: Any, 
     assert diff.returncode == 0, diff.stderr
     import json
 
-    rows = [r for r in json.loads(diff.stdout)["callsites"] if r["function"] == "connect_churn"]
+    # The client row (a socket caught between socket() and connect() is a role-less row of the line).
+    rows = [r for r in json.loads(diff.stdout)["callsites"]
+            if r["function"] == "connect_churn" and r["role"] == "client"]
     assert rows and rows[0]["new_churn_processes"] == 1 and rows[0]["old_churn_processes"] == 0
     text = connwatch_cli("diff", str(tmp_path / "baseline"), str(tmp_path / "canary")).stdout
     assert "churn (new): 1 of 1 process(es) build a client per call" in text, text
