@@ -270,22 +270,17 @@ def _wait_prom(port: int, query: str, pred: Any, server: Any, timeout: float = 4
 
 
 def test_prometheus_form_gives_the_same_verdicts(fleet: Any, tcp_server: Any, tmp_path: Path) -> None:
-    from tests.exporters.conftest import free_port
+    from tests.exporters.conftest import free_port, start_prometheus, stop_prometheus
     from tests.exporters.test_prometheus import require_tool
 
     prom = require_tool("prometheus")
     names = ["baseline", "canary", "plusone", "churner"]
     ports = {name: [free_port() for _ in range(3)] for name in names}
-    prom_port = free_port()
-    cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(json.dumps({
+    server, prom_port = start_prometheus(prom, {
         "global": {"scrape_interval": "500ms", "scrape_timeout": "500ms", "evaluation_interval": "1s"},
         "scrape_configs": [{"job_name": name, "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in ports[name]]}]}
                            for name in names],
-    }))
-    server = subprocess.Popen([prom, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                               f"--web.listen-address=127.0.0.1:{prom_port}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    }, tmp_path)
     url = f"http://127.0.0.1:{prom_port}"
     try:
         _wait_prom(prom_port, "vector(1)", bool, server)
@@ -331,9 +326,4 @@ def test_prometheus_form_gives_the_same_verdicts(fleet: Any, tcp_server: Any, tm
         proc = connwatch_cli("canary", *window, "--baseline", 'job="baseline"', "--canary", 'job=~"("')
         assert proc.returncode == 2 and "refused the query" in proc.stderr, proc.stderr
     finally:
-        server.terminate()
-        try:
-            server.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.communicate()
+        stop_prometheus(server)

@@ -66,6 +66,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_prometheus(prom: str, config: Dict[str, Any], folder: Path) -> Tuple[subprocess.Popen, int]:
+    """A real Prometheus (``prom``: its binary) with ``config`` (prometheus.yml as a dict) on a
+    free loopback port, its data in ``folder``: (process, port). Stop it with stop_prometheus."""
+    port = free_port()
+    cfg = folder / "prometheus.yml"
+    cfg.write_text(json.dumps(config))
+    server = subprocess.Popen([prom, f"--config.file={cfg}", f"--storage.tsdb.path={folder / 'tsdb'}",
+                               f"--web.listen-address=127.0.0.1:{port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return server, port
+
+
+def stop_prometheus(server: subprocess.Popen) -> str:
+    """Stop a Prometheus from start_prometheus (killed after 15 s); returns its log (stderr)."""
+    server.terminate()
+    try:
+        _, err = server.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        _, err = server.communicate()
+    return err or ""
+
+
 # Printed by apps as their last line: the live call sites of the agent's own snapshot.
 SITES_SNIPPET = """
 import json as _json, connwatch as _cw

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import REPO, Server, clean_env
 
-from .conftest import free_port
+from .conftest import free_port, start_prometheus, stop_prometheus
 from .test_prometheus import require_tool
 
 HOLDER = textwrap.dedent("""
@@ -82,16 +82,11 @@ def test_recording_rules_sum_fan_in_over_real_agents(tmp_path: Path, tcp_server:
         rules = (REPO / "deploy" / "prometheus" / "connwatch-rules.yml").read_text()
         assert rules.count("interval: 30s") >= 2
         (tmp_path / "rules.yml").write_text(rules.replace("interval: 30s", "interval: 1s"))
-        prom_port = free_port()
-        cfg = tmp_path / "prometheus.yml"
-        cfg.write_text(json.dumps({
+        server, prom_port = start_prometheus(prom, {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(tmp_path / "rules.yml")],
             "scrape_configs": [{"job_name": job, "static_configs": [{"targets": t}]} for job, t in targets.items()],
-        }))
-        server = subprocess.Popen([prom, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                   f"--web.listen-address=127.0.0.1:{prom_port}"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        }, tmp_path)
         a_port, b_port = str(tcp_server.port), str(second_server.port)
         want = {("127.0.0.1", a_port): 14.0, ("127.0.0.1", b_port): 4.0}
         by_upstream: Dict[Tuple[str, ...], float] = {}
@@ -121,12 +116,7 @@ def test_recording_rules_sum_fan_in_over_real_agents(tmp_path: Path, tcp_server:
         assert count == {(a_port,): 4.0, (b_port,): 2.0}
     finally:
         if server is not None:
-            server.terminate()
-            try:
-                server.communicate(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.communicate()
+            stop_prometheus(server)
         for p in procs:
             try:
                 p.communicate("\n", timeout=20)

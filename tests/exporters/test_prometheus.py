@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from .conftest import SITES_SNIPPET, free_port, sites, write_app
+from .conftest import SITES_SNIPPET, free_port, sites, start_prometheus, stop_prometheus, write_app
 
 PROM_APP = """
 import os, socket, sys, time, urllib.request
@@ -124,15 +124,10 @@ def test_real_prometheus_scrapes_the_agent(tmp_path: Path, tcp_server: Any) -> N
     prom = require_tool("prometheus")
     port = free_port()
     proc, path, marks = _start_app(tmp_path, port, tcp_server.port)
-    prom_port = free_port()
-    cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(json.dumps({
+    server, prom_port = start_prometheus(prom, {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [{"job_name": "connwatch", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}],
-    }))
-    server = subprocess.Popen([prom, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                               f"--web.listen-address=127.0.0.1:{prom_port}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    }, tmp_path)
     query = (f'connwatch_clients_live{{code_line_number="{marks["leak"]}",'
              f'code_file_path="{path}",server_port="{tcp_server.port}"}}')
     result: List[Any] = []
@@ -149,12 +144,7 @@ def test_real_prometheus_scrapes_the_agent(tmp_path: Path, tcp_server: Any) -> N
             except OSError:
                 continue
     finally:
-        server.terminate()
-        try:
-            _, err = server.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            _, err = server.communicate()
+        err = stop_prometheus(server)
         _finish(proc)
     assert result, f"prometheus never saw {query}; its log:\n{err[-3000:]}"
     sample = result[0]
