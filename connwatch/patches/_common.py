@@ -274,6 +274,21 @@ def _make_nest(call: Callable[..., Any]) -> Callable[..., Any]:
     return nest
 
 
+MISSING = _MISSING  # "the owner had no attribute of its own": what restore() deletes back to
+
+
+def restore(owner: Any, attr: str, ours: Any, own: Any) -> bool:
+    """Put ``own`` (or MISSING: nothing) back as ``owner.attr`` if our wrapper ``ours`` is still
+    there; False (and nothing touched) when someone replaced it since."""
+    if owner.__dict__.get(attr, _MISSING) is not ours:
+        return False
+    if own is _MISSING:
+        delattr(owner, attr)
+    else:
+        setattr(owner, attr, own)
+    return True
+
+
 def _lookup(owner: type, attr: str) -> Any:
     """The raw class attribute ``attr`` of ``owner`` (its own or inherited; no descriptor call)."""
     for klass in owner.__mro__:
@@ -393,13 +408,7 @@ class Patcher:
         with self._lock:
             self._armed.on = False
             for (owner, attr), (own, ours) in list(self._originals.items()):
-                current = owner.__dict__.get(attr, _MISSING)
-                if current is ours:
-                    if own is _MISSING:
-                        delattr(owner, attr)
-                    else:
-                        setattr(owner, attr, own)
-                else:
+                if not restore(owner, attr, ours, own):
                     _log.warn_once(f"unpatch:{self.name}:{attr}",
                                    "%s.%s was re-wrapped by someone else; connwatch's wrapper is left in place, "
                                    "disarmed", getattr(owner, "__qualname__", owner), attr)

@@ -46,7 +46,8 @@ from types import FunctionType
 from .. import _callsite, _limits, _log, _registry
 from .._upstream import upstream_of
 from . import _uvloop_agent, stdlib_socket
-from ._common import host_port
+from ._common import MISSING as _MISSING
+from ._common import host_port, restore
 
 # typing costs ~5 ms to import at interpreter start; annotations are strings here.
 TYPE_CHECKING = False
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
 
 MODULE = "uvloop"
 KIND = "socket"
-_MISSING = object()
 
 # Sockets Python makes inside the functions of _uvloop_agent are uvloop's own (see there).
 _callsite.mark_agent_code(_uvloop_agent.call.__code__.co_filename)
@@ -233,10 +233,12 @@ def _lookup(cls: type, name: str) -> Any:
     return _MISSING
 
 
-def _class_hook(cls: type, name: str, after: Callable[[Any, Any], None]) -> bool:
+def _class_hook(cls: type, name: str, after: Optional[Callable[[Any, Any], None]]) -> bool:
     """Make ``cls.<name>(self, arg)`` call ``after(self, arg)`` once the original returned or
     raised (inherited from a wrapped class: nothing to do). False if it cannot be wrapped.
-    connection_lost's wrapper does _after_lost's work inline (every connection passes there)."""
+    ``after=None``: connection_lost's release, done inline in the wrapper (every connection
+    passes there): the protocol's _lost entry, if it is this protocol's, gives back the
+    descriptor and releases the tracked object."""
     key = (cls, name)
     if key in _classes:
         return True
@@ -248,7 +250,7 @@ def _class_hook(cls: type, name: str, after: Callable[[Any, Any], None]) -> bool
     internal_error = _log.internal_error
     wrapper: Any
 
-    if after is _after_lost:
+    if after is None:
         lost, unlent, release, give_back, conn = _lost, _unlent, _registry.release, _give_back, _Conn
 
         @functools.wraps(raw)
@@ -256,7 +258,7 @@ def _class_hook(cls: type, name: str, after: Callable[[Any, Any], None]) -> bool
             try:
                 return raw(self, arg)
             finally:
-                try:  # _after_lost(self, arg), inline
+                try:
                     entry = lost.pop(id(self), None)
                     if entry is not None:
                         if entry() is not self:
@@ -294,31 +296,11 @@ def _class_hook(cls: type, name: str, after: Callable[[Any, Any], None]) -> bool
     return True
 
 
-def _after_lost(protocol: Any, exc: Any) -> None:
-    """What connection_lost's wrapper does (inline there) once the original ran."""
-    key = id(protocol)
-    entry = _lost.pop(key, None)
-    if entry is None:
-        return
-    if entry() is not protocol:
-        _lost[key] = entry  # another object's (ids are reused): not this one's
-        return
-    if _unlent:
-        _unlent.pop(key, None)
-    held = entry.held
-    target = held if type(held) is _Conn else held()
-    if target is not None:
-        if entry.fd >= 0:
-            _give_back(entry.fd, target)
-        if entry.count:
-            _registry.release(target)
-
-
 def _hookable(cls: type) -> bool:
     """Whether protocols of ``cls`` can release their connection from connection_lost."""
     ok = _lost_hookable.get(cls)
     if ok is None:
-        ok = _lost_hookable[cls] = cls.__weakrefoffset__ != 0 and _class_hook(cls, "connection_lost", _after_lost)
+        ok = _lost_hookable[cls] = cls.__weakrefoffset__ != 0 and _class_hook(cls, "connection_lost", None)
     return ok
 
 
@@ -660,21 +642,12 @@ def unpatch() -> None:
         _armed.on = False
         if owner is None:
             return
+        # An attribute re-wrapped by someone else since is left alone (restore() says so).
         for name, (own, wrapper) in list(_installed.items()):
-            if owner.__dict__.get(name, _MISSING) is not wrapper:
-                continue
-            if own is _MISSING:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, own)
+            restore(owner, name, wrapper, own)
         _installed.clear()
         _owner = None
         for (cls, name), (own, wrapper) in list(_classes.items()):
-            if cls.__dict__.get(name, _MISSING) is not wrapper:
-                continue  # re-wrapped by someone else since: left alone
-            if own is _MISSING:
-                delattr(cls, name)
-            else:
-                setattr(cls, name, own)
+            restore(cls, name, wrapper, own)
         _classes.clear()
         _lost_hookable.clear()
