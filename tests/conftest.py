@@ -81,15 +81,20 @@ def http_server() -> Iterator[Server]:
     s.stop()
 
 
+def drop_agent_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset the CONNWATCH_* settings for one test (not IMPLEMENTATION_VARS: the C/Python choice)."""
+    for k in list(os.environ):
+        if k.startswith("CONNWATCH_") and k not in IMPLEMENTATION_VARS:
+            monkeypatch.delenv(k)
+
+
 @pytest.fixture
 def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """The agent enabled for one test (snapshot folder in tmp_path, no periodic writes)."""
     import connwatch
     from connwatch import _log
 
-    for k in list(os.environ):
-        if k.startswith("CONNWATCH_") and k not in IMPLEMENTATION_VARS:
-            monkeypatch.delenv(k)
+    drop_agent_env(monkeypatch)
     _log.reset()
     assert not connwatch.is_enabled(), "a previous test left the agent running"
     assert connwatch.enable(dir=str(tmp_path / "snapshots"), snapshot_interval=0)

@@ -20,7 +20,7 @@ uvloop = pytest.importorskip("uvloop")
 import connwatch  # noqa: E402
 from connwatch import ClientCapExceeded  # noqa: E402
 from connwatch.patches import stdlib_socket, uvloop_loop  # noqa: E402
-from tests.conftest import live_at, run_py  # noqa: E402
+from tests.conftest import drop_agent_env, live_at, run_py  # noqa: E402
 
 HERE = __file__
 TARGETS = [name for name, _make in uvloop_loop._TARGETS]
@@ -161,9 +161,7 @@ def test_a_transport_dropped_unclosed_is_released_when_collected(agent: Any) -> 
 
 
 def test_cap_in_raise_mode_refuses_before_connecting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for k in list(os.environ):
-        if k.startswith("CONNWATCH_") and k != "CONNWATCH_PURE_PYTHON":
-            monkeypatch.delenv(k)
+    drop_agent_env(monkeypatch)
     assert connwatch.enable(dir=str(tmp_path), snapshot_interval=0, cap_per_callsite=3, cap_mode="raise")
     try:
         async def main() -> Tuple[int, List[Any], Any]:
@@ -207,9 +205,7 @@ def test_cap_in_raise_mode_refuses_before_connecting(tmp_path: Path, monkeypatch
 
 def test_per_upstream_cap_with_a_host_name_refuses_once_resolved(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    for k in list(os.environ):
-        if k.startswith("CONNWATCH_") and k != "CONNWATCH_PURE_PYTHON":
-            monkeypatch.delenv(k)
+    drop_agent_env(monkeypatch)
     assert connwatch.enable(dir=str(tmp_path), snapshot_interval=0, cap_per_upstream=2, cap_mode="raise")
     try:
         async def main() -> Tuple[int, List[Any], Any]:
@@ -357,9 +353,7 @@ def _scenario(run: Callable[[Any], Any], tmp_path: Path) -> List[Tuple[Any, ...]
 
 def test_kinds_and_roles_equal_those_of_the_same_program_under_asyncio(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    for k in list(os.environ):
-        if k.startswith("CONNWATCH_") and k != "CONNWATCH_PURE_PYTHON":
-            monkeypatch.delenv(k)
+    drop_agent_env(monkeypatch)
     (tmp_path / "a").mkdir()
     (tmp_path / "u").mkdir()
     plain = _scenario(asyncio.run, tmp_path / "a")
