@@ -265,15 +265,11 @@ def write_atomic(path: str, data: bytes) -> None:
         raise
 
 
-# A call site's traceback exactly as ``dumps`` writes it (compact, keys in this order): readers that
+# A call site's traceback as ``dumps`` writes it, cut at the first "}]" after the key: readers that
 # need no tracebacks (the canary judge over hundreds of files) drop them before parsing, which
-# spares most of the objects JSON parsing would build. Anything else is left to the parser.
-_TRACEBACK = re.compile(rb'"traceback":\[(?:\{"file":"(?:[^"\\]|\\.)*","line":-?\d+,'
-                        rb'"function":"(?:[^"\\]|\\.)*"\},?)*\]')
-
-
-# The same, cut at the first "}]" after the key: right unless a name in the traceback holds "}]".
-_TRACEBACK_QUICK = re.compile(rb'"traceback":\[(?:\{[^\]]*\})?\]')
+# spares most of the objects JSON parsing would build. A name holding "}]" makes the cut land
+# inside a string, which leaves no valid JSON: such a file is parsed whole, as is any other layout.
+_TRACEBACK = re.compile(rb'"traceback":\[(?:\{[^\]]*\})?\]')
 
 
 def read_json(path: str, tracebacks: bool = True) -> Dict[str, Any]:
@@ -312,25 +308,22 @@ def read_json(path: str, tracebacks: bool = True) -> Dict[str, Any]:
         raise SnapshotError(f"{path}: empty file (truncated?)")
     data = None
     if not tracebacks:
-        # The quick cut first (a third of the strict pattern's cost); a name with "}]" in it makes
-        # it cut inside a string, which leaves no valid JSON: then the strict pattern.
-        # A traceback neither pattern matched (a "]" in a name) is parsed, then emptied.
-        for pattern in (_TRACEBACK_QUICK, _TRACEBACK):
-            try:
-                data = json.loads(pattern.sub(b'"traceback":[]', raw))
-                break
-            except ValueError:
-                continue
-        rows = data.get("callsites") if isinstance(data, dict) else None
-        if isinstance(rows, list):
-            for row in rows:
-                if isinstance(row, dict) and row.get("traceback"):
-                    row["traceback"] = []
+        try:
+            data = json.loads(_TRACEBACK.sub(b'"traceback":[]', raw))
+        except ValueError:
+            pass  # parsed whole below
     if data is None:
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise SnapshotError(f"{path}: corrupt or truncated JSON ({e})") from None
+    if not tracebacks:
+        # What the cut left (a "]" in a name, another layout) is emptied after parsing.
+        rows = data.get("callsites") if isinstance(data, dict) else None
+        if isinstance(rows, list):
+            for row in rows:
+                if isinstance(row, dict) and row.get("traceback"):
+                    row["traceback"] = []
     if not isinstance(data, dict):
         raise SnapshotError(f"{path}: not a connwatch snapshot (top level is not an object)")
     return data
